@@ -1,0 +1,199 @@
+"""``DatabaseRegistry``: the registry apps use, reading source.ini itself."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.orm import Session
+
+from dynaconnd import editing, schema
+from dynaconnd.config import load_config
+from dynaconnd.errors import ConfigError
+from dynaconnd.health import probe
+from dynaconnd.registry import Registry, unknown_database
+from magenta_dynaconn._models import ModelFactory
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from dynaconnd.registry import Instance, ReloadOutcome
+
+__all__ = ["DatabaseRegistry"]
+
+_live_registries: weakref.WeakSet[DatabaseRegistry] = weakref.WeakSet()
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child must not share the parent's sockets: drop every pool
+    # without closing it (closing would end the parent's connections too).
+    for registry in list(_live_registries):
+        registry._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
+
+
+class DatabaseRegistry:
+    """Databases named in ``source.ini``, as engines, sessions and models.
+
+    The file is read in this process; :meth:`connect` returns a registry
+    with the same interface that a running ``dynaconnd`` keeps current.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] = "source.ini",
+        *,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.source = os.path.abspath(source)
+        self._registry = Registry(drain_timeout=drain_timeout)
+        self._factories: dict[str, tuple[Instance, ModelFactory]] = {}
+        self._lock = threading.Lock()
+        config = load_config(self.source)
+        self._registry.apply(config)
+        _live_registries.add(self)
+
+    @classmethod
+    def connect(
+        cls,
+        socket: str | None = None,
+        authkey_file: str | None = None,
+    ) -> Any:
+        """Return a registry backed by the ``dynaconnd`` daemon."""
+        from magenta_dynaconn._remote import RemoteRegistry
+
+        return RemoteRegistry(socket=socket, authkey_file=authkey_file)
+
+    def __repr__(self) -> str:
+        return (
+            f"<DatabaseRegistry source={self.source!r}"
+            f" generation={self.generation}"
+            f" databases={self.list_names()!r}>"
+        )
+
+    @property
+    def generation(self) -> int:
+        """Return the registry generation; it rises on every change."""
+        return self._registry.generation
+
+    def list_names(self) -> list[str]:
+        """Return the database names, in the order of source.ini."""
+        return self._registry.snapshot.names()
+
+    def new_session(self, name: str) -> Session:
+        """Return a new ORM session on the database called ``name``."""
+        instance = self._registry.snapshot.instances.get(name)
+        if instance is None:
+            raise unknown_database(name, self._registry.snapshot.instances)
+        return Session(instance.engine)
+
+    @contextlib.contextmanager
+    def session_scope(self, name: str) -> Iterator[Session]:
+        """Yield a session; commit on success, roll back on error, close."""
+        session = self.new_session(name)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    def get_db_instance(self, name: str, table: str) -> type[Any]:
+        """Return the ORM class of ``table`` in the database ``name``."""
+        return self._factory(name).get(table)
+
+    def tables(self, name: str) -> list[str]:
+        """Return the tables and views of ``name`` that can be reflected."""
+        instance = self._registry.snapshot.get(name)
+        return schema.list_tables(instance.engine, instance.spec.reflection)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Return a description of ``name`` with its password masked."""
+        return self._registry.snapshot.get(name).spec.describe()
+
+    def ping(self, name: str) -> dict[str, Any]:
+        """Connect to ``name`` now and report how that went."""
+        instance = self._registry.snapshot.get(name)
+        result = probe(
+            instance.engine, timeout=instance.spec.schedule.health_timeout
+        )
+        return result.as_dict()
+
+    def reload(self) -> ReloadOutcome:
+        """Read source.ini again and apply what changed."""
+        try:
+            config = load_config(self.source)
+        except ConfigError as error:
+            return self._registry.reject(error, path=self.source)
+        return self._registry.apply(config)
+
+    def last_outcome(self) -> ReloadOutcome | None:
+        """Return what the most recent reload did."""
+        return self._registry.last_outcome
+
+    def add_instance(
+        self,
+        name: str,
+        data: Mapping[str, str | int | None],
+        *,
+        overwrite: bool = False,
+    ) -> ReloadOutcome:
+        """Add a section to source.ini, then apply it."""
+        editing.add_section(self.source, name, data, overwrite=overwrite)
+        return self.reload()
+
+    def update_instance(
+        self, name: str, data: Mapping[str, str | int | None]
+    ) -> ReloadOutcome:
+        """Change keys of a section in source.ini, then apply it."""
+        editing.update_section(self.source, name, data)
+        return self.reload()
+
+    def remove_instance(self, name: str) -> ReloadOutcome:
+        """Remove a section from source.ini, then apply that."""
+        editing.remove_section(self.source, name)
+        return self.reload()
+
+    def close(self) -> None:
+        """Dispose every engine; the registry cannot be used afterwards."""
+        _live_registries.discard(self)
+        self._registry.close()
+
+    def __enter__(self) -> DatabaseRegistry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _factory(self, name: str) -> ModelFactory:
+        instance = self._registry.snapshot.get(name)
+        cached = self._factories.get(name)
+        if cached is not None and cached[0] is instance:
+            return cached[1]
+        with self._lock:
+            cached = self._factories.get(name)
+            if cached is not None and cached[0] is instance:
+                return cached[1]
+            engine = instance.engine
+            scope = instance.spec.reflection
+
+            def describe(table: str) -> dict[str, Any]:
+                return schema.reflect_tables(engine, scope, [table])[table]
+
+            def list_tables() -> list[str]:
+                return schema.list_tables(engine, scope)
+
+            factory = ModelFactory(name, describe, list_tables)
+            self._factories[name] = (instance, factory)
+            return factory
+
+    def _after_fork(self) -> None:
+        for instance in self._registry.snapshot.instances.values():
+            instance.engine.dispose(close=False)
