@@ -31,7 +31,9 @@ __all__ = [
     "Instance",
     "Registry",
     "ReloadOutcome",
+    "ReloadPlan",
     "Snapshot",
+    "plan_reload",
     "unknown_database",
 ]
 
@@ -73,9 +75,7 @@ class Snapshot:
             raise unknown_database(name, self.instances) from None
 
 
-def unknown_database(
-    name: str, known: Iterable[str]
-) -> UnknownDatabaseError:
+def unknown_database(name: str, known: Iterable[str]) -> UnknownDatabaseError:
     """Build the error for a name the registry does not hold."""
     import difflib
 
@@ -149,6 +149,49 @@ def _prove(engine: sa.Engine) -> str | None:
     except (sa.exc.DBAPIError, OSError) as error:
         return redact(f"{error.__class__.__name__}: {error.args[0]}")
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReloadPlan:
+    """What applying a configuration to a snapshot would do."""
+
+    added: tuple[str, ...]
+    changed: tuple[str, ...]
+    removed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    kept: tuple[str, ...]
+
+
+def plan_reload(config: LoadedConfig, snapshot: Snapshot) -> ReloadPlan:
+    """Sort every section of ``config`` by what a reload does to it.
+
+    A rejected section that the snapshot holds is kept as it was; one
+    the snapshot lacks stays absent.
+    """
+    old = snapshot.instances
+    added: list[str] = []
+    changed: list[str] = []
+    unchanged: list[str] = []
+    for name, spec in config.specs.items():
+        if name not in old:
+            added.append(name)
+        elif old[name].spec != spec:
+            changed.append(name)
+        else:
+            unchanged.append(name)
+    removed = [
+        name
+        for name in old
+        if name not in config.specs and name not in config.rejected
+    ]
+    kept = [name for name in config.rejected if name in old]
+    return ReloadPlan(
+        tuple(added),
+        tuple(changed),
+        tuple(removed),
+        tuple(unchanged),
+        tuple(kept),
+    )
 
 
 class Registry:
@@ -226,24 +269,9 @@ class Registry:
 
     def _apply(self, config: LoadedConfig) -> ReloadOutcome:
         old = self._snapshot.instances
-
-        # Sort every section into what happens to it.
-        added: list[str] = []
-        changed: list[str] = []
-        unchanged: list[str] = []
-        for name, spec in config.specs.items():
-            if name not in old:
-                added.append(name)
-            elif old[name].spec != spec:
-                changed.append(name)
-            else:
-                unchanged.append(name)
-        kept = [name for name in config.rejected if name in old]
-        removed = [
-            name
-            for name in old
-            if name not in config.specs and name not in config.rejected
-        ]
+        plan = plan_reload(config, self._snapshot)
+        added, changed, removed = plan.added, plan.changed, plan.removed
+        unchanged, kept = plan.unchanged, plan.kept
 
         # Build new engines before touching the live snapshot.
         fresh = {
@@ -278,12 +306,12 @@ class Registry:
             applied=True,
             generation=generation,
             previous_generation=previous,
-            added=tuple(added),
-            changed=tuple(changed),
-            removed=tuple(removed),
-            unchanged=tuple(unchanged),
+            added=added,
+            changed=changed,
+            removed=removed,
+            unchanged=unchanged,
             rejected=dict(config.rejected),
-            kept=tuple(kept),
+            kept=kept,
             unreachable=unreachable,
         )
         self._last_outcome = outcome
