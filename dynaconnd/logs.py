@@ -123,4 +123,4 @@ def configure_logging(
 
 def get_logger(name: str) -> Any:
     """Return a structured logger that tags events with ``component=name``."""
-    return structlog.get_logger().bind(component=name)
+    return structlog.get_logger(component=name)
