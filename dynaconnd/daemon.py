@@ -91,6 +91,7 @@ class Daemon:
         self.config_path = os.path.abspath(options.config)
         self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self._should_exit = False
+        self._exit_status = 0
         self._epoch = 0
         self._last_hash: str | None = None
         self._watched: list[str] = [self.config_path]
@@ -274,9 +275,15 @@ class Daemon:
             # A deaf watcher is worse than none: restart it, and if that
             # fails, exit so systemd restarts the whole daemon.
             log.error("watcher.died", mode=watcher.mode)
-            watcher.restart()
+            try:
+                watcher.restart()
+            except OSError as error:
+                log.critical(
+                    "watcher.restart_failed",
+                    error_class=error.__class__.__name__,
+                    error=str(error),
+                )
             if not watcher.is_alive():
-                log.critical("watcher.restart_failed")
                 self._should_exit = True
                 self._exit_status = 1
             else:
@@ -322,8 +329,6 @@ class Daemon:
         if self._should_exit and signum != signal.SIGHUP:
             os._exit(128 + signum)
         self._events.put(_Event("signal", signum))
-
-    _exit_status = 0
 
     def _shutdown(self) -> int:
         started = time.monotonic()

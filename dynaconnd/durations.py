@@ -34,10 +34,8 @@ def parse_duration(text: str) -> float:
 
     unit = match["unit"] or "s"
     if unit not in UNITS:
-        known = ", ".join(UNITS)
         raise ValueError(
-            f"{text!r} has the unknown unit {unit!r}; known units are "
-            f"{known} (no unit means seconds)"
+            f"{text!r} has the unknown unit {unit!r}; expected {_ACCEPTED}"
         )
 
     seconds = float(match["number"]) * UNITS[unit]

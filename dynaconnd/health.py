@@ -12,6 +12,7 @@ transition.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -84,7 +85,7 @@ MIN_PG_CONNECT_TIMEOUT = 2
 _MAX_BACKOFF_STEPS = 32
 _MAX_ERROR_CHARS = 500
 
-_PING = sa.select(sa.literal_column("1"))
+_PING: sa.Select[Any] = sa.select(sa.literal_column("1"))
 
 _log = get_logger("health")
 
@@ -194,7 +195,11 @@ def _describe_error(error: BaseException, engine: Engine) -> tuple[str, str]:
         # The DBAPI's own error says what happened without the SQL and
         # the link SQLAlchemy appends.
         cause = error.orig
-    message = " ".join(str(cause).split()) or type(cause).__name__
+    text = str(cause)
+    if len(cause.args) == 2 and isinstance(cause.args[0], int):
+        # MySQL drivers raise (code, message); say it as a sentence.
+        text = f"{cause.args[1]} (error {cause.args[0]})"
+    message = " ".join(text.split()) or type(cause).__name__
     password = engine.url.password
     if password:
         message = message.replace(str(password), MASK)
@@ -204,8 +209,9 @@ def _describe_error(error: BaseException, engine: Engine) -> tuple[str, str]:
 def probe(engine: Engine, *, timeout: float) -> ProbeResult:
     """Connect, run ``SELECT 1`` and return how it went.
 
-    ``timeout`` bounds the statement; the connection attempt is bounded
-    by the connect arguments of the engine (see build_probe_engine).
+    The engine's connect arguments bound the connection attempt and,
+    on PostgreSQL, the statement (see build_probe_engine); ``timeout``
+    sets the statement limit MariaDB can only be given in a session.
     """
     checked_at = time.time()
     started = time.perf_counter()
@@ -271,7 +277,9 @@ class HealthState:
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), not {jitter}")
         if max_backoff is not None and max_backoff <= 0:
-            raise ValueError(f"max_backoff must be positive, not {max_backoff}")
+            raise ValueError(
+                f"max_backoff must be positive, not {max_backoff}"
+            )
 
         self.interval = interval
         self.slow_ms = slow_ms
@@ -556,10 +564,9 @@ class HealthMonitor:
         )
 
     def _remove_job(self, entry: _Entry) -> None:
-        try:
+        # Never added, or already gone with the scheduler.
+        with contextlib.suppress(JobLookupError):
             self._scheduler.remove_job(entry.job_id)
-        except JobLookupError:
-            pass  # never added, or already gone with the scheduler
 
     def _arm(self, entry: _Entry, delay: float | None) -> None:
         """Set the job's next run ``delay`` seconds from now; None pauses."""
@@ -568,10 +575,9 @@ class HealthMonitor:
             next_run = datetime.datetime.now(datetime.UTC) + (
                 datetime.timedelta(seconds=delay)
             )
-        try:
+        # Removed by sync() or close() while it ran.
+        with contextlib.suppress(JobLookupError):
             self._scheduler.modify_job(entry.job_id, next_run_time=next_run)
-        except JobLookupError:
-            pass  # removed by sync() or close() while it ran
 
     def _is_current(self, entry: _Entry) -> bool:
         with self._lock:
@@ -652,7 +658,9 @@ class HealthMonitor:
                 f"no database named {name!r} is watched; known: {known}"
             )
 
-        result = probe(entry.engine, timeout=entry.spec.schedule.health_timeout)
+        result = probe(
+            entry.engine, timeout=entry.spec.schedule.health_timeout
+        )
         delay = self._record(entry, result)
         if delay is not None:
             self._pull_in(entry, delay)
@@ -687,10 +695,9 @@ class HealthMonitor:
             for entry in entries:
                 self._remove_job(entry)
                 entry.engine.dispose()
-            try:
+            # KeyError: the scheduler was configured again meanwhile.
+            with contextlib.suppress(KeyError):
                 self._scheduler.remove_executor(
                     self._executor_alias, shutdown=False
                 )
-            except KeyError:
-                pass  # the scheduler was configured again meanwhile
             self._executor.shutdown(wait=False)

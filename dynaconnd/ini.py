@@ -158,7 +158,11 @@ def read_ini(data: bytes, *, path: str) -> IniFile:
         path=path,
         text=text,
         has_bom=has_bom,
-        defaults=index.section(DEFAULT_SECTION, parser),
+        defaults=(
+            index.section(DEFAULT_SECTION, parser)
+            if DEFAULT_SECTION in index.headers
+            else None
+        ),
         sections={
             name: index.section(name, parser)
             for name in index.headers
@@ -217,6 +221,8 @@ class _LineIndex:
         self._key: str | None = None
         self._indent = 0
         self._ends: dict[str, int] = {}
+        self._keys: dict[str, tuple[str, int, int]] = {}
+        self._is_copy = False
 
     def feed(self, number: int, line: str) -> None:
         """Account for line ``number`` of the file."""
@@ -271,17 +277,14 @@ class _LineIndex:
 
     def section(
         self, name: str, parser: configparser.RawConfigParser
-    ) -> IniSection | None:
+    ) -> IniSection:
         """Return the indexed section ``name`` with configparser's values."""
-        if name not in self.headers:
-            return None
         if name == DEFAULT_SECTION:
             values = parser.defaults()
         else:
             # Own keys only: [DEFAULT] is merged later, by IniFile.merged.
             values = {
-                key: parser.get(name, key, raw=True)
-                for key in self.keys[name]
+                key: parser.get(name, key, raw=True) for key in self.keys[name]
             }
         entries = {
             key: IniEntry(
@@ -302,6 +305,7 @@ class _LineIndex:
 
     def _open(self, name: str, number: int) -> None:
         self._key = None
+        self._section = name
         if name in self.headers:
             first = self.headers[name]
             self._issue(
@@ -311,12 +315,14 @@ class _LineIndex:
                 f"section [{name}] appears twice, at line {first} and "
                 f"at line {number}; each section may appear only once",
             )
-            # Keys of the second copy are checked against the first.
-            self._section = name
+            # The copy's keys are checked among themselves only, so one
+            # duplicate section is one issue, not one per key.
+            self._keys = {}
+            self._is_copy = True
             return
-        self._section = name
         self.headers[name] = number
-        self.keys[name] = {}
+        self._keys = self.keys[name] = {}
+        self._is_copy = False
         self._ends[name] = number
 
     def _add_key(self, written: str, number: int) -> None:
@@ -331,10 +337,11 @@ class _LineIndex:
                 "line has no key before its '=' or ':'",
             )
             return
+        # A duplicate still owns its continuation lines: they are not
+        # separate problems.  The file is refused anyway.
         self._key = key
-        keys = self.keys[self._section]
-        if key in keys:
-            first_written, first, _ = keys[key]
+        if key in self._keys:
+            first_written, first, _ = self._keys[key]
             self._issue(
                 self._section,
                 key,
@@ -344,15 +351,18 @@ class _LineIndex:
                 f"at line {number} (keys are case-insensitive)",
             )
             return
-        keys[key] = (written, number, number)
-        self._ends[self._section] = number
+        self._keys[key] = (written, number, number)
+        self._extend(number)
 
     def _continue(self, number: int) -> None:
-        assert self._section is not None and self._key is not None
-        keys = self.keys[self._section]
-        if self._key in keys:
-            written, line, _ = keys[self._key]
-            keys[self._key] = (written, line, number)
+        if self._key is None or self._key not in self._keys:
+            return
+        written, line, _ = self._keys[self._key]
+        self._keys[self._key] = (written, line, number)
+        self._extend(number)
+
+    def _extend(self, number: int) -> None:
+        if self._section is not None and not self._is_copy:
             self._ends[self._section] = number
 
     def _issue(

@@ -19,7 +19,9 @@ from apscheduler.events import (
     EVENT_JOB_MISSED,
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED
 
 from dynaconnd.logs import get_logger, redact
 
@@ -49,6 +51,20 @@ class _Scheduler(BackgroundScheduler):  # type: ignore[misc]
         # harmless and lets the leak check in the tests see it.
         self._thread.name = SCHEDULER_THREAD_NAME
 
+    def _process_jobs(self) -> float | None:
+        """Run one round of the loop; a round cut short by shutdown ends."""
+        try:
+            wait_seconds: float | None = super()._process_jobs()
+        except JobLookupError:
+            # shutdown() marks the scheduler stopped before it takes the
+            # job store lock, so a round that was removing a finished job
+            # looks for it among pending jobs and fails.  Nothing is lost:
+            # the loop is ending anyway.
+            if self.state == STATE_STOPPED:
+                return None
+            raise
+        return wait_seconds
+
 
 def _iso(moment: datetime.datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
@@ -67,7 +83,9 @@ def _on_event(event: Any) -> None:
             "job.skipped",
             job_id=event.job_id,
             reason="previous run still going",
-            scheduled_at=[_iso(moment) for moment in event.scheduled_run_times],
+            scheduled_at=[
+                _iso(moment) for moment in event.scheduled_run_times
+            ],
         )
     elif event.code == EVENT_JOB_ERROR:
         error = event.exception
@@ -97,8 +115,7 @@ def make_scheduler(
         raise ValueError(f"max_workers must be at least 1, not {max_workers}")
     if misfire_grace_time <= 0:
         raise ValueError(
-            "misfire_grace_time must be positive, "
-            f"not {misfire_grace_time}"
+            f"misfire_grace_time must be positive, not {misfire_grace_time}"
         )
 
     executor = ThreadPoolExecutor(

@@ -265,11 +265,11 @@ class ConfigWatcher:
         return self._paths
 
     def start(self) -> None:
-        """Start watching; raise if the folder of a path does not exist."""
+        """Start watching; raise if no folder of the paths exists."""
         with self._lock:
             if self._debouncer is not None:
                 raise RuntimeError("the config watcher is already started")
-            self._check_folders(self._paths)
+            self._check_folders(self._paths, at_start=True)
             debouncer = _Debouncer(self._debounce, self._fire)
             debouncer.start()
 
@@ -334,9 +334,10 @@ class ConfigWatcher:
     def is_alive(self) -> bool:
         """Say whether every thread needed to notice a change is running.
 
-        False once stopped, or when the observer, the debouncer or the
-        emitter of the folder of a watched path has died (the folder
-        was removed, or a thread crashed): the caller should restart.
+        False once stopped, when the observer or the debouncer has died,
+        or when the folder of a watched path exists but nothing watches
+        it (a thread crashed, or the folder was removed and made again:
+        nothing could hear it come back).  The caller should restart.
         """
         with self._lock:
             observer = self._observer
@@ -349,16 +350,19 @@ class ConfigWatcher:
                 emitter.watch.path: emitter.is_alive()
                 for emitter in observer.emitters
             }
+            folders = {os.path.dirname(path) for path in self._paths}
             return all(
-                alive.get(os.path.dirname(path), False) for path in self._paths
+                alive.get(folder, False)
+                for folder in folders
+                if os.path.isdir(folder)
             )
 
     def set_paths(self, paths: Iterable[str | Path]) -> None:
-        """Watch ``paths`` instead; raise if a folder of them is missing."""
+        """Watch ``paths`` instead; a path in a missing folder is skipped."""
         normalised = self._normalise(paths)
         with self._lock:
             if self._observer is not None:
-                self._check_folders(normalised)
+                self._check_folders(normalised, at_start=False)
             self._paths = normalised
             self._refresh()
         self._log.info("watcher.paths_set", paths=list(normalised))
@@ -368,14 +372,23 @@ class ConfigWatcher:
         absolute = (os.path.abspath(os.fspath(path)) for path in paths)
         return tuple(dict.fromkeys(absolute))
 
-    @staticmethod
-    def _check_folders(paths: tuple[str, ...]) -> None:
-        for path in paths:
-            folder = os.path.dirname(path)
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(
-                    errno.ENOENT, "cannot watch a missing folder", folder
-                )
+    def _check_folders(
+        self, paths: tuple[str, ...], *, at_start: bool
+    ) -> None:
+        """Warn of each missing folder; at start, raise if all are."""
+        folders = list(dict.fromkeys(os.path.dirname(p) for p in paths))
+        missing = [folder for folder in folders if not os.path.isdir(folder)]
+
+        # Never run without any watch at all; a missing password file
+        # folder, though, must not stop the watch on source.ini.
+        if at_start and not folders:
+            raise ValueError("the config watcher needs at least one path")
+        if at_start and missing == folders:
+            raise FileNotFoundError(
+                errno.ENOENT, "cannot watch a missing folder", missing[0]
+            )
+        for folder in missing:
+            self._log.warning("watcher.folder_missing", folder=folder)
 
     def _wanted_folders(self) -> list[str]:
         folders: dict[str, None] = {}
@@ -497,6 +510,7 @@ class ConfigWatcher:
                     "watcher.event",
                     kind=event.event_type,
                     path=os.fsdecode(event.src_path),
+                    dest=os.fsdecode(event.dest_path) or None,
                 )
                 debouncer = self._debouncer
                 if debouncer is not None:
