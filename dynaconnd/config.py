@@ -371,12 +371,8 @@ class _SectionCheck:
             self._secret(raw_password)
         self._check_name()
         self._check_keys()
+        self._drop_shadowed_defaults()
         self._expand()
-        if self._looks_like_sqlite():
-            # [DEFAULT] may hold server settings for the other sections.
-            for key in _SERVER_KEYS:
-                if key in self.inherited:
-                    self._ignore(key)
         password = self._password()
         url = self._url(password)
         engine = self._engine_options()
@@ -440,9 +436,15 @@ class _SectionCheck:
             self._secrets.add(value)
             remember_secret(value)
 
-    def _looks_like_sqlite(self) -> bool:
-        kind = self.values.get("source") or self.values.get("url") or ""
-        return kind.strip().lower().startswith("sqlite")
+    def _drop_shadowed_defaults(self) -> None:
+        kind = self.raw.get("source") or self.raw.get("url") or ""
+        if kind.strip().lower().startswith("sqlite"):
+            # [DEFAULT] may hold server settings for the other sections.
+            for key in _SERVER_KEYS:
+                if key in self.inherited:
+                    self._ignore(key)
+        self._prefer_own(*([key] for key in _SECRET_KEYS))
+        self._prefer_own(["url"], [*_URL_PARTS, "base"])
 
     def _prefer_own(self, *groups: list[str]) -> None:
         """Drop inherited keys that a section's own keys stand in for.
@@ -544,7 +546,6 @@ class _SectionCheck:
                 self._secret(make_url(url).password)
 
     def _password(self) -> str | None:
-        self._prefer_own(*([key] for key in _SECRET_KEYS))
         given = [key for key in _SECRET_KEYS if self.is_set(key)]
         if len(given) > 1:
             where = " and ".join(self._where(key) for key in given)
@@ -585,7 +586,6 @@ class _SectionCheck:
 
     def _url(self, password: str | None) -> URL | None:
         url: URL | None
-        self._prefer_own(["url"], [*_URL_PARTS, "base"])
         if self.is_set("url"):
             parts = [key for key in (*_URL_PARTS, "base") if self.is_set(key)]
             if parts:

@@ -119,6 +119,9 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
+    # APScheduler logs every run through the standard library at INFO;
+    # our own job events say what matters.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:
