@@ -33,6 +33,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from time import monotonic as _monotonic
 
 __all__ = [
@@ -73,9 +74,12 @@ _SALT = 0x2545F491
 # A torn read is retried; a write takes microseconds, so a reader gives
 # up only if something is badly wrong (and then reports "no value").
 _READ_ATTEMPTS = 1000
+_SPINS = 3
 
 
-def _checksum(sequence: int, instance: int, generation: int, flags: int) -> int:
+def _checksum(
+    sequence: int, instance: int, generation: int, flags: int
+) -> int:
     # Cheap on purpose: the two sequence copies are the guard; this
     # catches a mixture of fields from two writes, since the sequence
     # differs between any two of them.
@@ -192,13 +196,24 @@ class GenerationReader:
         ``None`` means the file is missing, unreadable, or was closed by
         a daemon that stopped.
         """
-        for _ in range(_READ_ATTEMPTS):
+        checked = self.read_checked()
+        return None if checked is None else checked[1]
+
+    def read_checked(self) -> tuple[bytes, Stamp] | None:
+        """Return the raw bytes of a whole write and their stamp."""
+        for attempt in range(_READ_ATTEMPTS):
             raw = self.peek()
             if raw is None:
                 return None
             stamp = self.decode(raw)
+            if stamp is None:
+                return None
             if stamp is not TORN:
-                return stamp
+                return raw, stamp
+            if attempt >= _SPINS:
+                # A writer thread of this process may hold its write
+                # half done while waiting for the GIL: let it finish.
+                time.sleep(0)
         return None
 
     def peek(self) -> bytes | None:

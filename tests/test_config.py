@@ -1,8 +1,5 @@
 """Specifications for dynaconnd.config: validating source.ini."""
 
-# The house style writes asserts as `expected == actual`.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import codecs

@@ -1,8 +1,5 @@
 """The real daemon, in a subprocess, speaking sd_notify to a test socket."""
 
-# The house style writes asserts as ``expected == actual``.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -131,6 +129,12 @@ class RunningDaemon:
 
 
 def _sqlite_section(tmp_path: Path, name: str) -> str:
+    """Create SQLite database ``name`` and return its source.ini section."""
+    # Probes open the file read-only, so it must exist to be up.
+    path = tmp_path / f"{name}.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER)")
+        connection.commit()
     return (
         f"[{name}]\nsource = sqlite\nbase = {tmp_path / name}.sqlite3\n"
         "health_interval = 1s\n\n"
@@ -220,7 +224,7 @@ def _stop(daemon: RunningDaemon) -> int:
 def test_daemon_sends_ready_with_database_count(
     daemon: RunningDaemon,
 ) -> None:
-    """READY=1 carries a status line counting the databases up."""
+    """READY=1 carries an "N/M databases up" status for the 1 database."""
     ready = daemon.wait_message(READY.fullmatch, what="READY=1")
 
     match = READY.fullmatch(daemon.messages[ready])
@@ -240,10 +244,12 @@ def test_daemon_sends_ready_once_after_the_socket_is_served(
     )
     start_up = daemon.messages[:first_ping]
 
+    # systemd takes the first READY=1 as "started" and lets units ordered
+    # after this one start: it must not come before the socket is served.
     assert (1, 0) == (
         sum(1 for message in start_up if message.startswith(b"READY=1")),
         sum(1 for message in start_up if message.startswith(b"RELOADING=")),
-    )
+    ), f"start-up sent {start_up!r}"
 
 
 def test_daemon_status_follows_health(daemon: RunningDaemon) -> None:

@@ -1,8 +1,5 @@
 """Specifications for dynaconnd.editing: changing source.ini in place."""
 
-# The house style writes asserts as `expected == actual`.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import codecs

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dynaconnd import genfile
+
 from dynaconnd.genfile import (
     GENFILE_MODE,
     TORN,
@@ -208,8 +208,3 @@ def test_reading_costs_about_a_microsecond(
     # Generous bounds: a loaded CI machine is slow, a syscall is not.
     assert peek < 2e-6
     assert read < 10e-6
-
-
-def test_all_is_sorted() -> None:
-    """``__all__`` is sorted."""
-    assert sorted(genfile.__all__) == genfile.__all__

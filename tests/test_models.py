@@ -1,7 +1,6 @@
 """Specifications for the ORM classes built from table descriptions."""
 
 # The house style writes asserts as ``expected == actual``.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

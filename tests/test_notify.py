@@ -1,8 +1,5 @@
 """The sd_notify protocol, spoken to a real datagram socket."""
 
-# The house style writes asserts as ``expected == actual``.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import os

@@ -1,7 +1,6 @@
 """Specifications for reflection into plain data and catalog fingerprints."""
 
 # The house style writes asserts as ``expected == actual``.
-# ruff: noqa: SIM300
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
 """Specifications for dynaconnd.secrets and the secret keys of source.ini."""
 
-# The house style writes asserts as `expected == actual`.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -1,8 +1,5 @@
 """The systemd unit, sysusers and tmpfiles files under systemd/."""
 
-# The house style writes asserts as ``expected == actual``.
-# ruff: noqa: SIM300
-
 from __future__ import annotations
 
 import configparser
@@ -107,6 +104,19 @@ def test_systemd_analyze_verify_reports_a_misspelt_key(
     assert "Unknown key 'ProtectClok'" in result.stderr
 
 
+def test_unit_exposure_is_at_most_2(tmp_path: Path) -> None:
+    """systemd-analyze security rates the unit's exposure 2.0 or lower."""
+    analyze = _tool("systemd-analyze")
+    unit = _unit_for_this_venv(tmp_path)
+
+    # The threshold is on a 0-100 scale; the report shows 0.0-10.0.
+    result = _run(
+        analyze, "security", "--offline=yes", "--threshold=20", str(unit)
+    )
+
+    assert 0 == result.returncode, result.stdout[-2000:]
+
+
 def test_unit_is_a_notify_service_reloaded_by_sighup(
     service: configparser.SectionProxy,
 ) -> None:
@@ -195,6 +205,7 @@ def test_unit_is_hardened(service: configparser.SectionProxy) -> None:
         "ProtectControlGroups": "yes",
         "ProtectClock": "yes",
         "ProtectHostname": "yes",
+        "ProtectProc": "invisible",
         "RestrictNamespaces": "yes",
         "RestrictRealtime": "yes",
         "RestrictSUIDSGID": "yes",

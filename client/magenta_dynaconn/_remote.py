@@ -33,7 +33,7 @@ from dynaconnd.errors import (
     DynaconnError,
     RegistryUnavailableError,
 )
-from dynaconnd.genfile import TORN, GenerationReader, generation_path
+from dynaconnd.genfile import GenerationReader, generation_path
 from dynaconnd.logs import get_logger
 from dynaconnd.protocol import (
     MAX_MESSAGE_BYTES,
@@ -479,17 +479,9 @@ class RemoteRegistry:
             self._next_attempt = 0.0
 
     def _read_raw(self) -> bytes | None:
-        """Return validated generation-file bytes; ``None`` without one."""
-        for _ in range(100):
-            raw = self._reader.peek()
-            if raw is None:
-                return None
-            stamp = self._reader.decode(raw)
-            if stamp is None:
-                return None
-            if stamp is not TORN:
-                return raw
-        return None
+        """Return checked generation-file bytes; ``None`` without one."""
+        checked = self._reader.read_checked()
+        return None if checked is None else checked[0]
 
     def _apply(self, data: dict[str, Any]) -> None:
         specs: dict[str, dict[str, Any]] = data["specs"]
