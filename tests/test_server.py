@@ -503,7 +503,7 @@ def test_stop_removes_the_socket_and_joins_its_threads(
     assert not os.path.exists(socket_path)
     assert not server.is_serving
     with pytest.raises(EOFError):
-        conn.recv()
+        print(repr(conn.recv()))
     conn.close()
     assert [] == [
         thread.name
