@@ -129,7 +129,7 @@ class Daemon:
 
         # The first configuration is live before anyone is told we are up.
         self.scheduler.start()
-        self._reload(force=True)
+        self._reload(force=True, notify=False)
         self._start_server(authkey)
         self._start_watcher()
         self.notifier.ready(self._health_status())
@@ -181,7 +181,7 @@ class Daemon:
             log.info("signal.received", signal=signal.Signals(signum).name)
             self._should_exit = True
 
-    def _reload(self, *, force: bool) -> ReloadOutcome:
+    def _reload(self, *, force: bool, notify: bool = True) -> ReloadOutcome:
         digest = _content_hash(self._watched)
         outcome = self.registry.last_outcome
         if not force and digest == self._last_hash and outcome is not None:
@@ -189,7 +189,8 @@ class Daemon:
             return outcome
         self._last_hash = digest
 
-        self.notifier.reloading()
+        if notify:
+            self.notifier.reloading()
         try:
             config = load_config(self.config_path)
         except ConfigError as error:
@@ -205,7 +206,8 @@ class Daemon:
             self.schemas.sync(specs)
             if outcome.has_changes:
                 self._bump_epoch()
-        self.notifier.ready(self._health_status())
+        if notify:
+            self.notifier.ready(self._health_status())
         return outcome
 
     def _watch_files(self, paths: list[str]) -> None:

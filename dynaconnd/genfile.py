@@ -172,9 +172,12 @@ class GenerationWriter:
 class GenerationReader:
     """Read the generation a daemon publishes at ``path``.
 
-    A read is one unpack from a shared mapping.  At most every
-    ``recheck_interval`` seconds the reader also checks that ``path``
-    is still the file it maps, and maps the new one after a restart.
+    A read is one slice of a shared mapping.  At most every
+    ``recheck_interval`` seconds :meth:`peek` also checks that ``path``
+    is still the file it maps, and maps the new one after a restart;
+    :meth:`recheck` does that at once (a watcher thread may call it).
+    Mappings are never unmapped under a concurrent reader: a replaced
+    one is closed when its last user lets go of it.
     """
 
     def __init__(self, path: str, *, recheck_interval: float = 0.25) -> None:
@@ -183,7 +186,18 @@ class GenerationReader:
         self._map: mmap.mmap | None = None
         self._identity: tuple[int, int] | None = None
         self._recheck_at = 0.0
+        self._lock = threading.Lock()
         self._closed = False
+
+    @property
+    def mapping(self) -> mmap.mmap | None:
+        """Return the current mapping, without checking the path.
+
+        Byte 8 is the low byte of the sequence, which every write
+        changes: comparing it is the cheapest check there is, exact but
+        for a multiple of 256 writes in between.
+        """
+        return self._map
 
     def read(self) -> int | None:
         """Return the published generation, or ``None`` if there is none."""
@@ -219,16 +233,13 @@ class GenerationReader:
     def peek(self) -> bytes | None:
         """Return the raw, unchecked counter bytes; ``None`` with no file.
 
-        The cheapest check there is: equal bytes mean nothing changed.
-        Different bytes may be a write in progress; :meth:`decode` says.
+        Equal bytes mean nothing changed.  Different bytes may be a
+        write in progress; :meth:`decode` says.
         """
         if _monotonic() >= self._recheck_at:
-            self._recheck()
+            self.recheck()
         mapping = self._map
-        if mapping is None:
-            return None
-        # Literal bounds: this is the hot path of every new session.
-        return mapping[8:56]
+        return None if mapping is None else mapping[8:56]
 
     @staticmethod
     def decode(raw: bytes) -> Stamp | _Torn | None:
@@ -243,44 +254,44 @@ class GenerationReader:
         return (instance, generation)
 
     def close(self) -> None:
-        """Unmap the file; from now on there is no value to read."""
-        self._closed = True
-        self._drop()
+        """Let go of the file; from now on there is no value to read."""
+        with self._lock:
+            self._closed = True
+            self._map = None
+            self._identity = None
 
-    def _drop(self) -> None:
-        if self._map is not None:
-            self._map.close()
-        self._map = None
-        self._identity = None
-
-    def _recheck(self) -> None:
-        self._recheck_at = _monotonic() + self.recheck_interval
-        if self._closed:
-            return
-        try:
-            status = os.stat(self.path)
-        except OSError:
-            self._drop()
-            return
-        identity = (status.st_dev, status.st_ino)
-        if identity == self._identity:
-            return
-        self._drop()
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return
-        try:
-            status = os.fstat(fd)
-            if status.st_size < _SIZE:
+    def recheck(self) -> None:
+        """Map the file at ``path`` now if it is another than the mapped."""
+        with self._lock:
+            self._recheck_at = _monotonic() + self.recheck_interval
+            if self._closed:
                 return
-            mapping = mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ)
-        except OSError:
-            return
-        finally:
-            os.close(fd)
-        if mapping[: len(_MAGIC)] != _MAGIC:
-            mapping.close()
-            return
-        self._map = mapping
-        self._identity = (status.st_dev, status.st_ino)
+            try:
+                status = os.stat(self.path)
+            except OSError:
+                self._map = None
+                self._identity = None
+                return
+            if (status.st_dev, status.st_ino) == self._identity:
+                return
+            self._map, self._identity = _map_file(self.path)
+
+
+def _map_file(path: str) -> tuple[mmap.mmap | None, tuple[int, int] | None]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None, None
+    try:
+        status = os.fstat(fd)
+        if status.st_size < _SIZE:
+            return None, None
+        mapping = mmap.mmap(fd, _SIZE, prot=mmap.PROT_READ)
+    except OSError:
+        return None, None
+    finally:
+        os.close(fd)
+    if mapping[: len(_MAGIC)] != _MAGIC:
+        mapping.close()
+        return None, None
+    return mapping, (status.st_dev, status.st_ino)

@@ -343,7 +343,13 @@ class _ManagerServer(managers.Server):
             if self.stop_event.is_set():
                 conn.close()
                 return
-            self._owner.admit(conn)
+            try:
+                self._owner.admit(conn)
+            except OSError as error:
+                # No descriptor for the duplicate, or no thread: this
+                # client goes, the loop stays.
+                conn.close()
+                self._owner.note_refusal("admit_failed", None, str(error))
 
     def accept_connection(self, c: Any, name: str) -> None:
         # The stdlib renames the serving thread after the client's own
@@ -358,6 +364,11 @@ class _ManagerServer(managers.Server):
             _ident, funcname, args, kwds = request
             if funcname not in self.public:
                 raise ValueError(f"{funcname!r} is not a server call")
+            if funcname == "accept_connection":
+                # Serves until the client leaves or the server stops;
+                # its one reply went out before the first request.
+                self.accept_connection(conn, *args, **kwds)
+                return
             result = getattr(self, funcname)(conn, *args, **kwds)
             conn.send(("#RETURN", result))
         except (SystemExit, EOFError, OSError):

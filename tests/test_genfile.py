@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-
 from dynaconnd.genfile import (
     GENFILE_MODE,
     TORN,

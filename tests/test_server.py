@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import grp
 import json
 import os
 import pwd
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from multiprocessing import AuthenticationError, connection, managers
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pytest
 import sqlalchemy as sa
@@ -67,6 +68,27 @@ if TYPE_CHECKING:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 log = get_logger("test")
+
+
+class Paths(TypedDict):
+    """Where one test's daemon keeps its socket, key and databases."""
+
+    socket: str
+    authkey_file: str
+    data_dir: str
+
+
+def dispatch(
+    conn: connection.Connection, ident: str | None, method: str, *args: Any
+) -> Any:
+    """Make one manager call the way ``BaseProxy`` does."""
+    conn.send((ident, method, args, {}))
+    kind, result = conn.recv()
+    if kind == "#RETURN":
+        return result
+    if kind == "#ERROR":
+        raise result
+    raise managers.RemoteError(result)
 
 
 # -- the stand-in service ---------------------------------------------------
@@ -143,7 +165,6 @@ class DemoService:
             engine.dispose()
 
     def _spec(self, name: str) -> DatabaseSpec:
-        log.debug("test.call", name=name)
         spec = self._specs.get(name)
         if spec is None:
             raise unknown_database(name, self._specs)
@@ -328,7 +349,8 @@ class ServerProcess:
         return self._process.pid
 
     def _read(self) -> None:
-        assert self._process is not None and self._process.stdout
+        assert self._process is not None
+        assert self._process.stdout
         for line in self._process.stdout:
             with contextlib.suppress(ValueError):
                 self.events.append(json.loads(line))
@@ -341,15 +363,19 @@ class ServerProcess:
         self, event: str, *, count: int = 1, timeout: float = 10
     ) -> list[dict[str, Any]]:
         """Wait until ``count`` events called ``event`` have arrived."""
+
+        def arrived() -> list[dict[str, Any]]:
+            found = self.named(event)
+            return found if len(found) >= count else []
+
         return wait_for(
-            lambda: len(self.named(event)) >= count and self.named(event),
-            timeout=timeout,
-            what=f"{count} {event} event(s)",
+            arrived, timeout=timeout, what=f"{count} {event} event(s)"
         )
 
     def command(self, text: str) -> None:
         """Change the service (see DemoService.command) and wait for it."""
-        assert self._process is not None and self._process.stdin
+        assert self._process is not None
+        assert self._process.stdin
         done = len(self.named("test.done"))
         self._process.stdin.write(text + "\n")
         self._process.stdin.flush()
@@ -396,7 +422,7 @@ class ServerProcess:
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> dict[str, str]:
+def paths(tmp_path: Path) -> Paths:
     """Return the socket, key and data paths of one test's daemon."""
     return {
         "socket": str(tmp_path / "run" / "dynaconnd.sock"),
@@ -406,7 +432,7 @@ def paths(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def server(paths: dict[str, str]) -> Iterator[ServerProcess]:
+def server(paths: Paths) -> Iterator[ServerProcess]:
     """Yield a running ServerProcess; stop it afterwards."""
     process = ServerProcess(**paths).start()
     try:
@@ -419,8 +445,8 @@ def raw_call(socket_path: str, authkey: bytes, method: str, *args: Any) -> Any:
     """Call the service the way any stdlib manager client would."""
     conn = connection.Client(socket_path, authkey=authkey)
     try:
-        managers.dispatch(conn, None, "accept_connection", ("test",))
-        return managers.dispatch(conn, SERVICE_IDENT, method, args)
+        dispatch(conn, None, "accept_connection", "test")
+        return dispatch(conn, SERVICE_IDENT, method, *args)
     finally:
         conn.close()
 
@@ -442,7 +468,7 @@ def no_warnings_but(
 
 
 def test_socket_folder_and_key_are_private(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """Socket 0600, its folder 0700 and the key 0600, all created."""
     folder = os.path.dirname(paths["socket"])
@@ -494,8 +520,8 @@ def test_stop_removes_the_socket_and_joins_its_threads(
     server.start()
     # One client still connected while the server stops.
     conn = connection.Client(socket_path, authkey=key)
-    managers.dispatch(conn, None, "accept_connection", ("test",))
-    assert ["main"] == managers.dispatch(conn, SERVICE_IDENT, "names")
+    dispatch(conn, None, "accept_connection", "test")
+    assert ["main"] == dispatch(conn, SERVICE_IDENT, "names")
     assert server.is_serving
 
     server.stop()
@@ -503,7 +529,7 @@ def test_stop_removes_the_socket_and_joins_its_threads(
     assert not os.path.exists(socket_path)
     assert not server.is_serving
     with pytest.raises(EOFError):
-        print(repr(conn.recv()))
+        conn.recv()
     conn.close()
     assert [] == [
         thread.name
@@ -513,7 +539,7 @@ def test_stop_removes_the_socket_and_joins_its_threads(
 
 
 def test_stale_socket_of_a_killed_server_is_replaced(
-    paths: dict[str, str],
+    paths: Paths,
 ) -> None:
     """A server killed with SIGKILL leaves its socket; the next replaces it."""
     first = ServerProcess(**paths).start()
@@ -529,7 +555,7 @@ def test_stale_socket_of_a_killed_server_is_replaced(
 
 
 def test_a_live_server_is_never_replaced(
-    server: ServerProcess, paths: dict[str, str], tmp_path: Path
+    server: ServerProcess, paths: Paths, tmp_path: Path
 ) -> None:
     """Starting on a socket someone serves fails and leaves it alone."""
     key = read_authkey(paths["authkey_file"])
@@ -622,7 +648,7 @@ def test_default_paths_follow_the_environment() -> None:
 
 
 def test_service_answers_plain_data(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """A stdlib client gets plain values back from exposed methods."""
     key = read_authkey(paths["authkey_file"])
@@ -635,7 +661,7 @@ def test_service_answers_plain_data(
 
 
 def test_unknown_database_error_crosses_the_socket(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """The service's UnknownDatabaseError is re-raised as itself."""
     key = read_authkey(paths["authkey_file"])
@@ -645,7 +671,7 @@ def test_unknown_database_error_crosses_the_socket(
 
 
 def test_only_exposed_methods_can_be_called(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """Private methods, the server's shutdown and #GETVALUE are refused."""
     key = read_authkey(paths["authkey_file"])
@@ -656,7 +682,7 @@ def test_only_exposed_methods_can_be_called(
     conn = connection.Client(paths["socket"], authkey=key)
     try:
         with pytest.raises(managers.RemoteError, match="not a server call"):
-            managers.dispatch(conn, None, "shutdown")
+            dispatch(conn, None, "shutdown")
     finally:
         conn.close()
 
@@ -664,7 +690,7 @@ def test_only_exposed_methods_can_be_called(
 
 
 def test_wrong_authkey_is_refused_with_one_event(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """A wrong key: refused, one client.rejected event, still serving."""
     with pytest.raises(AuthenticationError):
@@ -681,7 +707,7 @@ def test_wrong_authkey_is_refused_with_one_event(
 
 
 def test_repeated_wrong_authkeys_do_not_flood_the_log(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """Twenty bad attempts in a row make one warning, not twenty."""
     for _ in range(20):
@@ -703,7 +729,7 @@ def _send_raw(path: str, data: bytes, *, read_first: bool = True) -> None:
 
 
 def test_garbage_and_dropped_connections_do_not_hurt_the_server(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """Noise, a half message, a huge length and hang-ups are shrugged off."""
     path = paths["socket"]
@@ -722,12 +748,12 @@ def test_garbage_and_dropped_connections_do_not_hurt_the_server(
 
 
 def test_oversized_request_from_a_client_ends_only_that_client(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """A length header beyond the limit drops that connection only."""
     key = read_authkey(paths["authkey_file"])
     conn = connection.Client(paths["socket"], authkey=key)
-    managers.dispatch(conn, None, "accept_connection", ("test",))
+    dispatch(conn, None, "accept_connection", "test")
     with socket.socket(fileno=os.dup(conn.fileno())) as sock:
         # -1 then an 8-byte length: the stdlib's header for 2 GiB.
         sock.sendall(b"\xff\xff\xff\xff" + (2**31).to_bytes(8, "big"))
@@ -759,9 +785,8 @@ def other_user() -> Iterator[pwd.struct_passwd]:
         yield pwd.getpwnam(name)
     finally:
         subprocess.run(["userdel", name], check=False)
-        with contextlib.suppress(KeyError, subprocess.CalledProcessError):
-            import grp
-
+        # userdel keeps the user's group where USERGROUPS_ENAB is off.
+        with contextlib.suppress(KeyError):
             grp.getgrnam(name)
             subprocess.run(["groupdel", name], check=False)
 
@@ -803,7 +828,7 @@ def _probe_as(user: pwd.struct_passwd, socket_path: str) -> str:
 
 
 @pytest.fixture
-def shared_paths() -> Iterator[dict[str, str]]:
+def shared_paths() -> Iterator[Paths]:
     """Paths under a folder other users may enter (tmp_path is private)."""
     base = tempfile.mkdtemp(prefix="dynaconn-peer-", dir="/tmp")
     os.chmod(base, 0o755)
@@ -818,7 +843,7 @@ def shared_paths() -> Iterator[dict[str, str]]:
 
 
 def test_other_users_cannot_reach_the_socket_folder(
-    other_user: pwd.struct_passwd, shared_paths: dict[str, str]
+    other_user: pwd.struct_passwd, shared_paths: Paths
 ) -> None:
     """The 0700 folder stops another user at connect()."""
     server = ServerProcess(**shared_paths).start()
@@ -829,7 +854,7 @@ def test_other_users_cannot_reach_the_socket_folder(
 
 
 def test_peer_of_another_user_is_refused_even_if_modes_are_open(
-    other_user: pwd.struct_passwd, shared_paths: dict[str, str]
+    other_user: pwd.struct_passwd, shared_paths: Paths
 ) -> None:
     """With the modes opened by mistake, SO_PEERCRED still turns them away."""
     server = ServerProcess(**shared_paths).start()
@@ -849,7 +874,7 @@ def test_peer_of_another_user_is_refused_even_if_modes_are_open(
 
 
 def test_member_of_the_allowed_group_is_served(
-    other_user: pwd.struct_passwd, shared_paths: dict[str, str]
+    other_user: pwd.struct_passwd, shared_paths: Paths
 ) -> None:
     """A member of allowed_gid gets through the modes and the peer check."""
     server = ServerProcess(
@@ -863,7 +888,7 @@ def test_member_of_the_allowed_group_is_served(
 
 
 def test_server_keeps_serving_many_clients_at_once(
-    server: ServerProcess, paths: dict[str, str]
+    server: ServerProcess, paths: Paths
 ) -> None:
     """Concurrent clients each get their own answers."""
     key = read_authkey(paths["authkey_file"])

@@ -52,6 +52,7 @@ from dynaconnd.server import (
 from magenta_dynaconn._models import ModelFactory
 
 if TYPE_CHECKING:
+    import mmap
     from collections.abc import Iterator, Mapping
 
     import sqlalchemy as sa
@@ -70,7 +71,7 @@ log = get_logger("client")
 #: Seconds to reach the daemon and agree on the protocol.
 CONNECT_TIMEOUT = 2.0
 #: Seconds an ordinary call may take once connected.
-CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = 10.0
 #: Seconds for calls that reload: the daemon proves new engines first.
 RELOAD_TIMEOUT = 90.0
 #: Without a generation file, ask the daemon at most this often.
@@ -81,11 +82,15 @@ RETRY_INTERVAL = 0.5
 MAX_RETRY_INTERVAL = 8.0
 #: Reconnection events are logged at most this often.
 EVENT_INTERVAL = 30.0
+#: How often the watcher thread checks the generation file in full.
+WATCH_INTERVAL = 0.25
 
 _TIMEVAL = struct.Struct("@ll")
-# Never equal to a generation file's bytes: in polling mode every check
-# takes the slow path, which then limits itself to POLL_INTERVAL.
+# Never equal to a generation file's bytes: marks polling mode.
 _POLLING = b"polling"
+# Stands in for the mapping when there is none; with an expected byte of
+# -1 every check takes the slow path, which limits itself.
+_NO_FILE = bytes(64)
 
 
 class _Busy(Exception):
@@ -154,8 +159,14 @@ class _Channel:
     def _request(
         self, ident: str | None, method: str, args: tuple[Any, ...]
     ) -> Any:
-        self._conn.send((ident, method, args, {}))
-        data = self._conn.recv_bytes(MAX_MESSAGE_BYTES)
+        try:
+            self._conn.send((ident, method, args, {}))
+            data = self._conn.recv_bytes(MAX_MESSAGE_BYTES)
+        except BlockingIOError:
+            # SO_RCVTIMEO or SO_SNDTIMEO ran out.
+            raise TimeoutError(
+                f"no answer to {method}() within {self._timeout:g}s"
+            ) from None
         try:
             kind, result = ForkingPickler.loads(data)
         except Exception as error:
@@ -220,6 +231,26 @@ def _build(wire: dict[str, Any], schema_generation: int) -> _Database:
     return _Database(wire, spec, engine, None, schema_generation)
 
 
+def _watch(
+    ref: weakref.ReferenceType[RemoteRegistry], stop: threading.Event
+) -> None:
+    """Check the generation file in full, for the hot path's sake.
+
+    The hot path compares one byte and never looks at the clock; this
+    thread notices what that misses (a restarted daemon's new file, a
+    multiple of 256 writes) and sends the next call down the slow path.
+    It holds the registry weakly, so a forgotten registry still goes.
+    """
+    while not stop.wait(WATCH_INTERVAL):
+        registry = ref()
+        if registry is None:
+            return
+        registry._reader.recheck()
+        if registry._read_raw() != registry._raw:
+            registry._byte = -1
+        del registry
+
+
 def _reconnect(
     socket_path: str,
     authkey_file: str,
@@ -267,9 +298,18 @@ class RemoteRegistry:
         self._databases: dict[str, _Database] = {}
         self._engines: dict[str, sa.Engine] = {}
         self._factories: dict[str, tuple[tuple[Any, ...], ModelFactory]] = {}
-        # The generation-file bytes the databases above were built for.
+        # The generation-file bytes the databases above were built for,
+        # and the hot path's view of them: byte 8 of the mapping (the
+        # sequence's low byte) against its expected value.  The watcher
+        # thread sets _byte to -1 when the full bytes differ, so that
+        # 256 writes or a remapped file are noticed too.
         self._raw: bytes | None = None
+        self._map: mmap.mmap | bytes = _NO_FILE
+        self._byte = -1
         self._generation = 0
+        self._watcher: threading.Thread | None = None
+        self._watcher_lock = threading.Lock()
+        self._stop_watching = threading.Event()
         # After an attempt that changed nothing, the same bytes are not
         # tried again before _next_attempt; new bytes are tried at once.
         self._gate_raw: bytes | None = None
@@ -282,6 +322,7 @@ class RemoteRegistry:
         self._suppressed = 0
         _live_registries.add(self)
         self._sync_now()
+        self._ensure_watcher()
 
     def __repr__(self) -> str:
         return (
@@ -311,14 +352,13 @@ class RemoteRegistry:
 
     def new_session(self, name: str) -> Session:
         """Return a new ORM session on the database called ``name``."""
-        # The hot path: one read of shared memory, one dict lookup.
-        raw = self._reader.peek()
-        if raw != self._raw:
-            self._sync(raw)
-        engine = self._engines.get(name)
-        if engine is None:
-            engine = self._database(name).engine
-            assert engine is not None
+        # The hot path: one byte of shared memory, one dict lookup.
+        if self._map[8] != self._byte:
+            self._sync()
+        try:
+            engine = self._engines[name]
+        except KeyError:
+            engine = self._engine(name)
         return Session(engine)
 
     @contextlib.contextmanager
@@ -400,7 +440,7 @@ class RemoteRegistry:
         return self._changing("remove_instance", name)
 
     def close(self) -> None:
-        """Disconnect and dispose every engine built here."""
+        """Disconnect, stop watching and dispose every engine built here."""
         with self._sync_lock, self._call_lock:
             if self._closed:
                 return
@@ -411,7 +451,13 @@ class RemoteRegistry:
             self._engines = {}
             self._factories = {}
             self._raw = _POLLING
-            self._reader.close()
+            self._map = _NO_FILE
+            self._byte = -1
+            self._stop_watching.set()
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join()
+        self._reader.close()
         for database in databases.values():
             if database.engine is not None:
                 database.engine.dispose()
@@ -419,11 +465,10 @@ class RemoteRegistry:
     # -- keeping current ----------------------------------------------
 
     def _refresh(self) -> None:
-        raw = self._reader.peek()
-        if raw != self._raw:
-            self._sync(raw)
+        if self._map[8] != self._byte:
+            self._sync()
 
-    def _sync(self, peeked: bytes | None) -> None:
+    def _sync(self) -> None:
         """Fetch the specs, best effort: the generation file moved.
 
         A busy lock or an absent daemon leaves the cached databases in
@@ -432,6 +477,8 @@ class RemoteRegistry:
         """
         if self._closed:
             raise RegistryUnavailableError(f"{self!r} was closed")
+        self._ensure_watcher()
+        peeked = self._reader.peek()
         if peeked == self._gate_raw and time.monotonic() < self._next_attempt:
             return
         if not self._sync_lock.acquire(blocking=False):
@@ -453,6 +500,7 @@ class RemoteRegistry:
             raise RegistryUnavailableError(f"{self!r} was closed")
         raw = self._read_raw()
         if not strict and raw is not None and raw == self._raw:
+            self._settle(raw)
             return
         now = time.monotonic()
         try:
@@ -468,15 +516,34 @@ class RemoteRegistry:
             return
         self._apply(data)
         self._retry_interval = RETRY_INTERVAL
-        if raw is None:
-            # No generation file: poll, at most every POLL_INTERVAL.
-            self._raw = _POLLING
-            self._gate_raw = None
-            self._next_attempt = now + POLL_INTERVAL
+        self._gate_raw = None
+        # Without a generation file, poll at most every POLL_INTERVAL.
+        self._next_attempt = now + POLL_INTERVAL if raw is None else 0.0
+        self._settle(raw)
+
+    def _settle(self, raw: bytes | None) -> None:
+        """Make the hot path compare against ``raw`` from now on."""
+        mapping = self._reader.mapping
+        if raw is None or mapping is None:
+            self._raw = _POLLING if raw is None else raw
+            self._map, self._byte = _NO_FILE, -1
         else:
             self._raw = raw
-            self._gate_raw = None
-            self._next_attempt = 0.0
+            self._map, self._byte = mapping, raw[0]
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is not None:
+            return
+        with self._watcher_lock:
+            if self._watcher is not None or self._closed:
+                return
+            self._watcher = threading.Thread(
+                target=_watch,
+                args=(weakref.ref(self), self._stop_watching),
+                name="dynaconn-genwatch",
+                daemon=True,
+            )
+            self._watcher.start()
 
     def _read_raw(self) -> bytes | None:
         """Return checked generation-file bytes; ``None`` without one."""
@@ -534,8 +601,9 @@ class RemoteRegistry:
     def _database(self, name: str) -> _Database:
         """Return ``name``'s database; ask the daemon if it is unknown."""
         database = self._databases.get(name)
-        if database is None and self._read_raw() != self._raw:
-            # Not current per the generation file, or no file: ask.
+        if database is None:
+            # Ask the daemon rather than trust the cache: it may have
+            # just added the name, or died without closing its file.
             self._sync_now()
             database = self._databases.get(name)
         if database is None:
@@ -543,8 +611,14 @@ class RemoteRegistry:
                 raise RegistryUnavailableError(f"{self!r} was closed")
             raise unknown_database(name, self._databases)
         if database.error is not None:
-            raise database.error
+            # The same object each time: without its last traceback.
+            raise database.error.with_traceback(None)
         return database
+
+    def _engine(self, name: str) -> sa.Engine:
+        engine = self._database(name).engine
+        assert engine is not None
+        return engine
 
     def _factory(self, name: str) -> ModelFactory:
         self._refresh()
@@ -591,6 +665,8 @@ class RemoteRegistry:
         Without ``wait``, raise ``_Busy`` rather than queue behind
         another thread's call (a reload may take a minute).
         """
+        if self._closed:
+            raise RegistryUnavailableError(f"{self!r} was closed")
         if not self._call_lock.acquire(blocking=wait):
             raise _Busy
         try:
@@ -656,9 +732,10 @@ class RemoteRegistry:
             self._suppressed = 0
         else:
             self._suppressed += 1
+        cached = "; cached databases keep working" if self._databases else ""
         return RegistryUnavailableError(
-            f"dynaconnd at {self.socket_path} is not available ({reason});"
-            f" cached databases keep working"
+            f"dynaconnd at {self.socket_path} is not available"
+            f" ({reason}){cached}"
         )
 
     def _note_reconnected(self, hello: dict[str, Any]) -> None:
@@ -677,9 +754,14 @@ class RemoteRegistry:
             )
 
     def _after_fork(self) -> None:
-        # A lock held by another thread at fork() stays held forever.
+        # A lock held by another thread at fork() stays held forever, and
+        # the watcher thread did not come along: the next call starts one.
         self._sync_lock = threading.RLock()
         self._call_lock = threading.RLock()
+        self._watcher_lock = threading.Lock()
+        self._watcher = None
+        self._stop_watching = threading.Event()
+        self._byte = -1
         # Never speak on the parent's socket: close this copy of it.
         channel, self._channel = self._channel, None
         if channel is not None:
