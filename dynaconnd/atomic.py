@@ -24,9 +24,7 @@ def atomic_write(path: str | Path, data: bytes, *, mode: int) -> None:
     the folder after it, so a crash leaves one whole version on disk.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(
-        dir=folder, prefix=".", suffix=".dynaconn-tmp"
-    )
+    fd, temp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".dynaconn-tmp")
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:

@@ -125,6 +125,7 @@ class Daemon:
         authkey = load_or_create_authkey(
             self.options.authkey_file,
             group_readable=self.options.allowed_gid is not None,
+            gid=self.options.allowed_gid,
         )
 
         # The first configuration is live before anyone is told we are up.

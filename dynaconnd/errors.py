@@ -12,10 +12,12 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "DynaconnError",
+    "InsecureFileError",
     "MissingDriverError",
     "NoPrimaryKeyError",
     "ProtocolMismatchError",
     "RegistryUnavailableError",
+    "SocketInUseError",
     "UnknownDatabaseError",
     "UnknownTableError",
     "WritesDisabledError",
@@ -68,6 +70,11 @@ class ConfigError(DynaconnError, ValueError):
         noun = "problem" if count == 1 else "problems"
         super().__init__(f"{count} configuration {noun}:\n{lines}")
 
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[list[ConfigIssue]]]:
+        # Exceptions pickle their message by default; the socket needs
+        # the issues themselves to rebuild the error in the client.
+        return (type(self), (self.issues,))
+
 
 class MissingDriverError(DynaconnError, ImportError):
     """The database driver a section asks for is not installed."""
@@ -102,3 +109,11 @@ class ProtocolMismatchError(DynaconnError, RuntimeError):
 
 class WritesDisabledError(DynaconnError, PermissionError):
     """The daemon refuses to change source.ini without --allow-writes."""
+
+
+class InsecureFileError(DynaconnError, PermissionError):
+    """A key file or socket folder is open to users it must not be."""
+
+
+class SocketInUseError(DynaconnError, FileExistsError):
+    """Another process serves on the socket path, or it is no socket."""

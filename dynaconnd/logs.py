@@ -32,7 +32,9 @@ __all__ = [
 MASK = "***"
 
 # scheme://user:password@host -> keep user, mask password.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]*@")
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]*@"
+)
 
 _secrets_lock = threading.Lock()
 _secrets: set[str] = set()

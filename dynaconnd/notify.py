@@ -51,13 +51,9 @@ class Notifier:
                 socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
             )
         try:
-            self._socket.sendto(
-                "\n".join(fields).encode(), self._address
-            )
+            self._socket.sendto("\n".join(fields).encode(), self._address)
         except OSError as error:
-            log.warning(
-                "notify.failed", error_class=error.__class__.__name__
-            )
+            log.warning("notify.failed", error_class=error.__class__.__name__)
 
     def ready(self, status: str | None = None) -> None:
         """Tell systemd the service is up."""

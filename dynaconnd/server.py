@@ -39,7 +39,10 @@ from multiprocessing import AuthenticationError, connection, managers
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
-from dynaconnd.errors import DynaconnError
+from dynaconnd.errors import (
+    InsecureFileError,
+    SocketInUseError,
+)
 from dynaconnd.logs import get_logger
 from dynaconnd.protocol import MAX_MESSAGE_BYTES, SERVICE_IDENT
 
@@ -95,14 +98,6 @@ _SOCKET_NAME = "dynaconnd.sock"
 _AUTHKEY_NAME = "authkey"
 _PEERCRED = struct.Struct("3i")
 _TIMEVAL = struct.Struct("@ll")
-
-
-class InsecureFileError(DynaconnError, PermissionError):
-    """A key file or socket folder is open to users it must not be."""
-
-
-class SocketInUseError(DynaconnError, FileExistsError):
-    """Another process serves on the socket path, or it is no socket."""
 
 
 # -- paths and keys ---------------------------------------------------------

@@ -115,12 +115,13 @@ def test_session_scope_rolls_back_on_error(registry: DatabaseRegistry) -> None:
     """An exception inside session_scope rolls the work back."""
     Product = registry.get_db_instance("main", "product")
 
-    with (
-        pytest.raises(RuntimeError),
-        registry.session_scope("main") as session,
-    ):
-        Product.create(session, id=7, name="Lost", description="x")
-        raise RuntimeError("boom")
+    def fail_inside_scope() -> None:
+        with registry.session_scope("main") as session:
+            Product.create(session, id=7, name="Lost", description="x")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        fail_inside_scope()
 
     with registry.session_scope("main") as session:
         assert Product.read_one(session, id=7) is None
@@ -287,7 +288,7 @@ def test_planted_password_appears_nowhere_but_source_ini(
 
 def test_missing_config_file_raises_a_clear_error(tmp_path: Path) -> None:
     """Constructing a registry on a missing file names the file."""
-    with pytest.raises(ConfigError, match="source.ini"):
+    with pytest.raises(ConfigError, match=r"source\.ini"):
         DatabaseRegistry(tmp_path / "source.ini")
 
 
