@@ -23,6 +23,8 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 run: $(INSTALLED)
+	@# The bundled database is an empty SQLite file until an app adds tables.
+	$(BIN)/python -c "import sqlite3; sqlite3.connect('my_db.sqlite3').close()"
 	$(BIN)/dynaconnd --config source.ini \
 		--socket $(RUN_DIR)/dynaconnd.sock \
 		--authkey-file $(RUN_DIR)/authkey \
