@@ -425,6 +425,13 @@ class _SectionCheck:
         """Quote ``value`` for a message, unless it holds a secret."""
         if any(secret in value for secret in self._secrets):
             return "the value"
+        if "\n" in value:
+            # An indented line continues the value above it, so a typo
+            # of indentation can pull any line in, a password's too.
+            return (
+                f"the value of {value.count(chr(10)) + 1} lines (an "
+                "indented line continues the value above it)"
+            )
         return repr(value)
 
     def _where(self, key: str) -> str:
@@ -531,6 +538,15 @@ class _SectionCheck:
     def _expand(self) -> None:
         for key, raw in self.raw.items():
             if key in self._broken:
+                continue
+            if "\n" in raw.strip() and key not in _LIST_KEYS:
+                # Never echoed: the lines pulled in may be anything.
+                self.issue(
+                    key,
+                    f"spans {raw.strip().count(chr(10)) + 1} lines (an "
+                    "indented line continues the value above it); only "
+                    f"{', '.join(_LIST_KEYS)} may span lines",
+                )
                 continue
             try:
                 value = expand_references(raw, self.environ)

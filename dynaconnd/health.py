@@ -614,7 +614,9 @@ class HealthMonitor:
             delay = entry.state.next_delay()
 
         if transition is not None:
-            _log.info(
+            # A database going down is a failure that will be retried.
+            emit = _log.warning if transition.current == "down" else _log.info
+            emit(
                 "health.changed",
                 database=entry.name,
                 to=transition.current,

@@ -25,6 +25,7 @@ __all__ = [
     "configure_logging",
     "forget_secret",
     "get_logger",
+    "quiet_library_defaults",
     "redact",
     "remember_secret",
 ]
@@ -124,6 +125,22 @@ def configure_logging(
     # APScheduler logs every run through the standard library at INFO;
     # our own job events say what matters.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def quiet_library_defaults() -> None:
+    """Keep an app's output clean when it never configured structlog.
+
+    structlog's own defaults print every event, debug included, to
+    standard output.  Inside an app, this library should only speak up
+    about problems, and on standard error; an app that configures
+    structlog itself (before or after) decides instead.
+    """
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
 
 
 def get_logger(name: str) -> Any:

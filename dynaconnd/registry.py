@@ -75,10 +75,25 @@ class Snapshot:
             raise unknown_database(name, self.instances) from None
 
 
-def unknown_database(name: str, known: Iterable[str]) -> UnknownDatabaseError:
-    """Build the error for a name the registry does not hold."""
+def unknown_database(
+    name: str,
+    known: Iterable[str],
+    rejected: Mapping[str, tuple[ConfigIssue, ...]] | None = None,
+) -> UnknownDatabaseError:
+    """Build the error for a name the registry does not hold.
+
+    A name whose section was rejected says why, rather than only that
+    it is unknown.
+    """
     import difflib
 
+    issues = (rejected or {}).get(name)
+    if issues:
+        reasons = "; ".join(str(issue) for issue in issues)
+        return UnknownDatabaseError(
+            f"database {name!r} is not available: its section was"
+            f" rejected: {reasons}"
+        )
     names = sorted(known)
     close = difflib.get_close_matches(name, names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -142,7 +157,11 @@ class ReloadOutcome:
 
 
 def _prove(engine: sa.Engine) -> str | None:
-    """Connect once; return the masked error, or None when it worked."""
+    """Connect once; return the masked error, or None when it worked.
+
+    SQLite is never proven: a file has no credentials to check, and
+    connecting would create a missing file.
+    """
     try:
         with engine.connect() as connection:
             connection.execute(sa.text("SELECT 1"))
@@ -221,6 +240,16 @@ class Registry:
         """Return the current generation; 0 before the first load."""
         return self._snapshot.generation
 
+    def lookup(self, name: str) -> Instance:
+        """Return the live instance ``name``, or say why there is none."""
+        snapshot = self._snapshot
+        instance = snapshot.instances.get(name)
+        if instance is None:
+            outcome = self._last_outcome
+            rejected = outcome.rejected if outcome is not None else None
+            raise unknown_database(name, snapshot.instances, rejected)
+        return instance
+
     @property
     def last_outcome(self) -> ReloadOutcome | None:
         """Return what the most recent reload did, if any ran."""
@@ -280,9 +309,11 @@ class Registry:
             if name in added or name in changed
         }
         unreachable = self._prove(
-            {name: fresh[name] for name in changed}
-            if self._prove_changes
-            else {}
+            {
+                name: fresh[name]
+                for name in changed
+                if self._prove_changes and fresh[name].spec.backend != "sqlite"
+            }
         )
 
         # Publish, in file order, with one assignment.

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 from dynaconnd import editing
 from dynaconnd._version import __version__
 from dynaconnd.config import parse_config
-from dynaconnd.errors import ConfigError, WritesDisabledError
+from dynaconnd.errors import (
+    ConfigError,
+    UnknownDatabaseError,
+    WritesDisabledError,
+)
 from dynaconnd.protocol import PROTOCOL_VERSION, spec_to_wire
 from dynaconnd.registry import plan_reload
 
@@ -75,13 +79,13 @@ class RegistryService:
 
     def describe(self, name: str) -> dict[str, Any]:
         """Return a masked description of one database."""
-        described = self._registry.snapshot.get(name).spec.describe()
-        described["schema_generation"] = self._schemas.generation(name)
+        described = self._registry.lookup(name).spec.describe()
+        described["schema_generation"] = self._schema_generation(name)
         return described
 
     def connection_spec(self, name: str) -> dict[str, Any]:
         """Return what a client needs to build its own engine for ``name``."""
-        return spec_to_wire(self._registry.snapshot.get(name).spec)
+        return spec_to_wire(self._registry.lookup(name).spec)
 
     def specs(self) -> dict[str, Any]:
         """Return every connection spec and schema generation at once."""
@@ -94,25 +98,33 @@ class RegistryService:
                 for name, instance in snapshot.instances.items()
             },
             "schema_generations": {
-                name: self._schemas.generation(name)
+                name: self._schema_generation(name)
                 for name in snapshot.instances
             },
         }
 
     def tables(self, name: str) -> list[str]:
         """Return the reflected tables and views of ``name``."""
-        self._registry.snapshot.get(name)
+        self._registry.lookup(name)
         return self._schemas.tables(name)
 
     def table_description(self, name: str, table: str) -> dict[str, Any]:
         """Return one table's description as plain data."""
-        self._registry.snapshot.get(name)
+        self._registry.lookup(name)
         return self._schemas.describe(name, table)
 
     def schema_generation(self, name: str) -> int:
         """Return how many schema changes ``name`` has seen."""
-        self._registry.snapshot.get(name)
-        return self._schemas.generation(name)
+        self._registry.lookup(name)
+        return self._schema_generation(name)
+
+    def _schema_generation(self, name: str) -> int:
+        # A reload publishes the new snapshot before the schema monitor
+        # takes the new database in: until then it has seen no change.
+        try:
+            return self._schemas.generation(name)
+        except UnknownDatabaseError:
+            return 0
 
     def last_outcome(self) -> dict[str, Any]:
         """Return the most recent reload's outcome."""
@@ -129,7 +141,7 @@ class RegistryService:
 
     def ping(self, name: str) -> dict[str, Any]:
         """Check ``name`` now and return the probe's result."""
-        self._registry.snapshot.get(name)
+        self._registry.lookup(name)
         return self._health.ping(name)
 
     def check(self, text: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ missing server fails the test; elsewhere the test is skipped.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import URL
 
 if TYPE_CHECKING:
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# Tests assert on every event, debug included; configuring structlog
+# here also keeps the client library's quiet defaults out of the way.
+structlog.configure(
+    wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG)
+)
 
 PG_ADMIN = URL.create(
     "postgresql+psycopg",

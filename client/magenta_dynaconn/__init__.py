@@ -19,7 +19,10 @@ from dynaconnd.errors import (
     UnknownTableError,
     WritesDisabledError,
 )
+from dynaconnd.logs import quiet_library_defaults
 from magenta_dynaconn._embedded import DatabaseRegistry
+
+quiet_library_defaults()
 
 __all__ = [
     "ConfigError",

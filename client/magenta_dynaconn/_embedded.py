@@ -14,7 +14,7 @@ from dynaconnd import editing, schema
 from dynaconnd.config import load_config
 from dynaconnd.errors import ConfigError
 from dynaconnd.health import probe
-from dynaconnd.registry import Registry, unknown_database
+from dynaconnd.registry import Registry
 from magenta_dynaconn._models import ModelFactory
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class DatabaseRegistry:
         """Return a new ORM session on the database called ``name``."""
         instance = self._registry.snapshot.instances.get(name)
         if instance is None:
-            raise unknown_database(name, self._registry.snapshot.instances)
+            instance = self._registry.lookup(name)
         return Session(instance.engine)
 
     @contextlib.contextmanager
@@ -111,16 +111,16 @@ class DatabaseRegistry:
 
     def tables(self, name: str) -> list[str]:
         """Return the tables and views of ``name`` that can be reflected."""
-        instance = self._registry.snapshot.get(name)
+        instance = self._registry.lookup(name)
         return schema.list_tables(instance.engine, instance.spec.reflection)
 
     def describe(self, name: str) -> dict[str, Any]:
         """Return a description of ``name`` with its password masked."""
-        return self._registry.snapshot.get(name).spec.describe()
+        return self._registry.lookup(name).spec.describe()
 
     def ping(self, name: str) -> dict[str, Any]:
         """Connect to ``name`` now and report how that went."""
-        instance = self._registry.snapshot.get(name)
+        instance = self._registry.lookup(name)
         result = probe(
             instance.engine, timeout=instance.spec.schedule.health_timeout
         )
@@ -173,7 +173,7 @@ class DatabaseRegistry:
         self.close()
 
     def _factory(self, name: str) -> ModelFactory:
-        instance = self._registry.snapshot.get(name)
+        instance = self._registry.lookup(name)
         cached = self._factories.get(name)
         if cached is not None and cached[0] is instance:
             return cached[1]

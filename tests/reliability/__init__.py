@@ -1,0 +1,1 @@
+"""The reliability and security suite: bad files, faults, hostile peers."""
