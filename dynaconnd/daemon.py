@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dynaconnd._version import __version__
+from dynaconnd.atomic import atomic_write
 from dynaconnd.config import load_config
 from dynaconnd.errors import ConfigError
 from dynaconnd.genfile import GenerationWriter
@@ -42,6 +43,9 @@ log = get_logger("daemon")
 
 #: How often the loop wakes with nothing queued, to check its threads.
 TICK = 0.5
+
+#: Mode of the daemon's small state files (no secrets inside).
+STATE_FILE_MODE = 0o640
 
 #: The longest a client's reload() waits for the main loop.
 RELOAD_REQUEST_TIMEOUT = 60.0
@@ -97,7 +101,10 @@ class Daemon:
         self._watched: list[str] = [self.config_path]
         self._status = ""
         self._last_watchdog = 0.0
-        self.registry = Registry(drain_timeout=options.drain_timeout)
+        self.registry = Registry(
+            drain_timeout=options.drain_timeout,
+            initial_generation=self._saved_generation(),
+        )
         self.scheduler = make_scheduler(max_workers=options.scheduler_workers)
         self.health = HealthMonitor(self.scheduler)
         self.schemas = SchemaMonitor(
@@ -206,10 +213,52 @@ class Daemon:
             self.health.sync(specs)
             self.schemas.sync(specs)
             if outcome.has_changes:
+                self._save_generation()
                 self._bump_epoch()
         if notify:
             self.notifier.ready(self._health_status())
         return outcome
+
+    def _generation_file(self) -> str | None:
+        state_dir = self.options.state_dir
+        return os.path.join(state_dir, "generation") if state_dir else None
+
+    def _saved_generation(self) -> int:
+        # Generations keep rising across restarts, so a client that waits
+        # for "a generation above N" is never fooled by a restart.
+        path = self._generation_file()
+        if path is None:
+            return 0
+        try:
+            with open(path, encoding="ascii") as handle:
+                return max(0, int(handle.read().strip()))
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as error:
+            log.warning(
+                "state.generation_unreadable",
+                path=path,
+                error_class=error.__class__.__name__,
+            )
+            return 0
+
+    def _save_generation(self) -> None:
+        path = self._generation_file()
+        if path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(
+                path,
+                f"{self.registry.generation}\n".encode(),
+                mode=STATE_FILE_MODE,
+            )
+        except OSError as error:
+            log.warning(
+                "state.generation_unwritable",
+                path=path,
+                error_class=error.__class__.__name__,
+            )
 
     def _watch_files(self, paths: list[str]) -> None:
         if paths == self._watched:

@@ -222,8 +222,11 @@ class Registry:
         drain_timeout: float = 30.0,
         prove_changes: bool = True,
         engine_factory: Callable[[DatabaseSpec], sa.Engine] = build_engine,
+        initial_generation: int = 0,
     ) -> None:
-        self._snapshot = Snapshot(0, types.MappingProxyType({}))
+        self._snapshot = Snapshot(
+            initial_generation, types.MappingProxyType({})
+        )
         self._lock = threading.Lock()
         self._drainer = EngineDrainer(timeout=drain_timeout)
         self._prove_changes = prove_changes
