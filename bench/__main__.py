@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 import time
 
@@ -16,7 +15,7 @@ from bench import (
     socket_calls,
     underload,
 )
-from bench._common import Sizes
+from bench._common import Row, Sizes
 from bench._report import machine, render_markdown, render_table
 
 #: The comparisons in the order they run and print.
@@ -39,7 +38,22 @@ FULL = Sizes(
     },
 )
 
-_NOTES_FILE = os.path.join(os.path.dirname(__file__), "NOTES.md")
+
+def goals_section(rows: list[Row]) -> str:
+    """Return the goals, each met or missed with its measured figure."""
+    lines = ["## Goals", ""]
+    for row in rows:
+        if row.met is None:
+            continue
+        verdict = "met" if row.met else "MISSED"
+        figure = f"{row.value:.4g} {row.unit}"
+        if row.ratio:
+            figure += f", {row.ratio}"
+        lines.append(
+            f"- {verdict}: {row.comparison}, {row.variant}: goal"
+            f" {row.goal}; measured {figure}."
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = render_table(rows)
     print(table)
-    notes = ""
-    if os.path.exists(_NOTES_FILE):
-        with open(_NOTES_FILE, encoding="utf-8") as handle:
-            notes = handle.read()
+    notes = goals_section(rows)
     command = " ".join(["python -m bench", *(argv or sys.argv[1:])])
     report = render_markdown(
         rows,

@@ -147,9 +147,7 @@ def server_database(admin: URL) -> Iterator[URL]:
     finally:
         with engine.connect() as connection:
             connection.execute(
-                sa.text(
-                    f"DROP DATABASE IF EXISTS {quote}{name}{quote}{force}"
-                )
+                sa.text(f"DROP DATABASE IF EXISTS {quote}{name}{quote}{force}")
             )
         engine.dispose()
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import platform
 import subprocess
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import datetime
     from collections.abc import Sequence
 
     from bench._common import Row

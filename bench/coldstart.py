@@ -184,8 +184,7 @@ def run(sizes: Sizes) -> list[Row]:
                 for count in sizes.table_counts
             }
             ini = "".join(
-                ini_section(f"cold{count}", url)
-                for count, url in urls.items()
+                ini_section(f"cold{count}", url) for count, url in urls.items()
             )
             daemon = stack.enter_context(Daemon(folder, ini))
             daemon.wait_ready()

@@ -68,6 +68,16 @@ def _url(backend: str, folder: str, stack: Any) -> URL:
     return url
 
 
+def _variants(
+    engine: sa.Engine, embedded: Any, remote: Any
+) -> dict[str, Callable[[], Session]]:
+    return {
+        "bare": lambda: Session(engine),
+        "embedded": lambda: embedded.new_session("hot"),
+        "daemon": lambda: remote.new_session("hot"),
+    }
+
+
 def run(sizes: Sizes) -> list[Row]:
     """Compare the three variants on every backend."""
     import contextlib
@@ -90,11 +100,7 @@ def run(sizes: Sizes) -> list[Row]:
             stack.callback(embedded.close)
             remote = daemon.client()
             stack.callback(remote.close)
-            variants: dict[str, Callable[[], Session]] = {
-                "bare": lambda: Session(engine),
-                "embedded": lambda: embedded.new_session("hot"),
-                "daemon": lambda: remote.new_session("hot"),
-            }
+            variants = _variants(engine, embedded, remote)
 
             # Warm every pool and code path before timing anything.
             for new_session in variants.values():

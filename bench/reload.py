@@ -109,7 +109,9 @@ def measure_apply(sizes: Sizes) -> tuple[list[float], list[int], list[float]]:
         registry = Registry(engine_factory=counting, drain_timeout=1.0)
         try:
             with open(path, "w", encoding="utf-8") as handle:
-                handle.write(_sections(folder, sizes.apply_sections, variant=0))
+                handle.write(
+                    _sections(folder, sizes.apply_sections, variant=0)
+                )
             registry.apply(load_config(path))
             for trial in range(sizes.apply_trials):
                 _save(
@@ -191,4 +193,3 @@ def run(sizes: Sizes) -> list[Row]:
             note="read + validate, paid by every reload before apply",
         ),
     ]
-

@@ -54,7 +54,9 @@ def _sqlite_sections(folder: str, count: int, prefix: str) -> str:
         with contextlib.closing(sqlite3.connect(path)) as connection:
             connection.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER)")
         text.append(
-            ini_section(f"{prefix}{index}", URL.create("sqlite", database=path))
+            ini_section(
+                f"{prefix}{index}", URL.create("sqlite", database=path)
+            )
         )
     return "".join(text)
 

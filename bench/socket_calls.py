@@ -109,7 +109,8 @@ mode, address, keyfile, database, table = sys.argv[1:6]
 start_at, seconds = float(sys.argv[6]), float(sys.argv[7])
 if mode == "bare":
     with open(keyfile, "rb") as handle:
-        calls = list(bare_calls(address, handle.read(), database, table).values())
+        key = handle.read()
+    calls = list(bare_calls(address, key, database, table).values())
 else:
     from magenta_dynaconn import DatabaseRegistry
     registry = DatabaseRegistry.connect(address, keyfile)
@@ -295,8 +296,7 @@ def _rows(
         rows.append(
             Row(
                 comparison="4. socket, throughput",
-                variant=f"{sizes.throughput_clients} client processes:"
-                f" {side}",
+                variant=f"{sizes.throughput_clients} client processes: {side}",
                 value=value,
                 unit="calls/s",
                 spread="-".join(f"{rate:.0f}" for rate in sorted(rates[side])),

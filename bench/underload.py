@@ -85,7 +85,9 @@ def run(sizes: Sizes) -> list[Row]:
         with Daemon(folder, _ini(url, 0), debounce=DEBOUNCE) as daemon:
             daemon.wait_ready()
             clients = [
-                spawn(_CLIENT, daemon.socket, daemon.authkey, stop_file, str(i))
+                spawn(
+                    _CLIENT, daemon.socket, daemon.authkey, stop_file, str(i)
+                )
                 for i in range(sizes.load_clients)
             ]
             try:
@@ -107,7 +109,9 @@ def run(sizes: Sizes) -> list[Row]:
                 for child in clients:
                     out, err = child.communicate(timeout=120)
                     if child.returncode != 0:
-                        raise RuntimeError(f"load client failed:\n{err[-2000:]}")
+                        raise RuntimeError(
+                            f"load client failed:\n{err[-2000:]}"
+                        )
                     results.append(json.loads(out.strip().splitlines()[-1]))
         with engine.connect() as connection:
             rows = connection.execute(
@@ -159,7 +163,9 @@ def _rewrite(
         deadline = time.monotonic() + 10
         while watcher.generation == before:  # type: ignore[attr-defined]
             if time.monotonic() > deadline:
-                raise RuntimeError("a save was never applied:\n" + daemon.tail())
+                raise RuntimeError(
+                    "a save was never applied:\n" + daemon.tail()
+                )
             time.sleep(0.002)
         reloads += 1
     return reloads, time.monotonic() - started

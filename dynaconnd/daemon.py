@@ -13,6 +13,7 @@ import hashlib
 import os
 import queue
 import signal
+import stat
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +80,14 @@ def _content_hash(paths: list[str]) -> str:
     for path in paths:
         digest.update(path.encode() + b"\0")
         try:
-            with open(path, "rb") as handle:
-                digest.update(handle.read())
+            # O_NONBLOCK: a FIFO put in place of the file must not block
+            # the main loop in open() until some writer comes along.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as handle:
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    digest.update(handle.read())
+                else:
+                    digest.update(b"<not a regular file>")
         except OSError as error:
             digest.update(f"<{error.errno}>".encode())
         digest.update(b"\0")

@@ -163,8 +163,10 @@ def test_restarted_daemon_serves_tables_from_its_cache_before_reflecting(
         assert 0 == daemon.stop()
 
         proxy.set_mode("blackhole")
+        print("DEBUG", proxy.mode, proxy._links, proxy._holes)
         mark = daemon.mark()
         daemon.start()
+        print("DEBUG", proxy.mode, proxy._links, proxy._holes)
         loaded = daemon.wait_event(
             "schema.cache_loaded", after=mark, database="crm"
         )

@@ -46,11 +46,12 @@ def test_writes_are_refused_without_allow_writes(
     client = daemon.client()
     try:
         refused = []
-        for attempt in (
+        attempts: list[Callable[[], object]] = [
             lambda: client.add_instance("extra", section(tmp_path, "x")),
             lambda: client.update_instance("main", {"pool_size": 3}),
             lambda: client.remove_instance("main"),
-        ):
+        ]
+        for attempt in attempts:
             with pytest.raises(WritesDisabledError) as raised:
                 attempt()
             refused.append(raised.value)
@@ -112,13 +113,14 @@ def test_a_bad_write_raises_config_error_and_keeps_the_file(
     client = daemon.client()
     try:
         errors = []
-        for attempt in (
+        attempts: list[Callable[[], object]] = [
             lambda: client.add_instance(
                 "crm", {"source": "postgresql", "port": "54x"}
             ),
             lambda: client.add_instance("main", section(tmp_path, "main")),
             lambda: client.update_instance("main", {"pool_siz": 3}),
-        ):
+        ]
+        for attempt in attempts:
             with pytest.raises(ConfigError) as raised:
                 attempt()
             errors.append(raised.value)
