@@ -463,6 +463,9 @@ def test_sigterm_ends_the_daemon_promptly_while_a_probe_hangs(
     assert 0 == status, daemon.tail()
     assert took < SHUTDOWN_BOUND, took
     assert not os.path.exists(daemon.socket)
+    assert {"main", "hung"} == {
+        event["database"] for event in daemon.events("engine.disposed")
+    }
     last = daemon.events()[-1]
     assert ("daemon.stopped", 0) == (last["event"], last["status"])
 

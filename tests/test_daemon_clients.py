@@ -117,6 +117,7 @@ def test_client_keeps_serving_cached_databases_while_the_daemon_is_down(
     ]
     assert 1 == len(unavailable), unavailable
     assert (True, 1) == (names, generation)
+    assert outcome["generation"] > generation
     assert (True, ["main"]) == (
         after_save > outcome["generation"],
         client.call("list_names"),
@@ -132,6 +133,7 @@ def test_client_in_this_process_works_again_after_a_restart(
     daemon = daemons.start(ini=base)
     registry = daemon.client()
     Customer = registry.get_db_instance("main", "customer")
+    before = registry.generation
 
     daemon.save_config(base + sqlite_section(data, "two"))
     daemon.restart()
@@ -146,7 +148,12 @@ def test_client_in_this_process_works_again_after_a_restart(
 
         assert 0 == count.scalar()
     outcome = registry.last_outcome()
-    assert (["main", "two"], 1) == (outcome["added"], outcome["generation"])
+    # Generations keep rising across a restart: clients never go back.
+    assert (["main", "two"], True) == (
+        outcome["added"],
+        outcome["generation"] > before,
+    )
+    assert outcome["generation"] == registry.generation
 
 
 # -- C12: plain data across processes ---------------------------------------

@@ -237,19 +237,29 @@ def test_orm_classes_are_built_here_from_descriptions(
 
 
 def test_schema_change_gives_new_classes(
-    client: RemoteRegistry, server: ServerProcess
+    client: RemoteRegistry, server: ServerProcess, paths: Paths
 ) -> None:
-    """A new schema generation replaces the database's classes."""
+    """A new schema generation replaces the classes of changed tables."""
     old = client.get_db_instance("main", "customer")
     generation = client.generation
+    engine = sa.create_engine(
+        "sqlite:///" + os.path.join(paths["data_dir"], "main.db")
+    )
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE customer ADD COLUMN email"))
+    engine.dispose()
 
     server.command("schema main")
 
-    wait_for(
-        lambda: client.get_db_instance("main", "customer") is not old,
+    new = wait_for(
+        lambda: (
+            (cls := client.get_db_instance("main", "customer")) is not old
+            and cls
+        ),
         what="a new class after the schema change",
     )
     assert generation == client.generation
+    assert ["id", "name", "email"] == list(new.__table__.c.keys())
 
 
 def test_rows_cross_a_multiprocessing_queue(client: RemoteRegistry) -> None:

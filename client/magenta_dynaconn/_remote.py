@@ -214,7 +214,8 @@ class _Database:
     @property
     def model_key(self) -> tuple[Any, ...]:
         # Classes depend on the schema and on which database it is, not
-        # on credentials: a rotated password keeps the classes.
+        # on credentials: a rotated password keeps the classes.  The
+        # schema generation comes first; _factory compares the rest.
         url = self.wire.get("url", {})
         return (
             self.schema_generation,
@@ -303,6 +304,7 @@ class RemoteRegistry:
         self._databases: dict[str, _Database] = {}
         self._engines: dict[str, sa.Engine] = {}
         self._factories: dict[str, tuple[tuple[Any, ...], ModelFactory]] = {}
+        self._described: dict[str, dict[str, dict[str, Any]]] = {}
         # The generation-file bytes the databases above were built for,
         # and the hot path's view of them: byte 8 of the mapping (the
         # sequence's low byte) against its expected value.  The watcher
@@ -455,6 +457,7 @@ class RemoteRegistry:
             databases, self._databases = self._databases, {}
             self._engines = {}
             self._factories = {}
+            self._described = {}
             self._raw = _POLLING
             self._map = _NO_FILE
             self._byte = -1
@@ -636,19 +639,49 @@ class RemoteRegistry:
             cached = self._factories.get(name)
             if cached is not None and cached[0] == key:
                 return cached[1]
-
-            def describe(table: str) -> dict[str, Any]:
-                return cast(
-                    "dict[str, Any]",
-                    self._call("table_description", name, table),
-                )
-
-            def list_tables() -> list[str]:
-                return cast("list[str]", self._call("tables", name))
-
-            factory = ModelFactory(name, describe, list_tables)
+            if cached is not None and cached[0][1:] == key[1:]:
+                # The same database, a new schema generation: only the
+                # classes of tables that changed are built again.
+                factory = cached[1]
+                self._forget_changed(name, factory)
+            else:
+                factory = self._new_factory(name)
             self._factories = {**self._factories, name: (key, factory)}
             return factory
+
+    def _new_factory(self, name: str) -> ModelFactory:
+        # The descriptions each class was built from, to compare with
+        # the daemon's after a schema change.
+        seen: dict[str, dict[str, Any]] = {}
+        self._described = {**self._described, name: seen}
+
+        def describe(table: str) -> dict[str, Any]:
+            description = cast(
+                "dict[str, Any]",
+                self._call("table_description", name, table),
+            )
+            seen[table] = description
+            return description
+
+        def list_tables() -> list[str]:
+            return cast("list[str]", self._call("tables", name))
+
+        return ModelFactory(name, describe, list_tables)
+
+    def _forget_changed(self, name: str, factory: ModelFactory) -> None:
+        """Forget the classes whose table description changed."""
+        seen = self._described.get(name, {})
+        stale: list[str] = []
+        for table, old in list(seen.items()):
+            try:
+                new = self._call("table_description", name, table)
+            except KeyError:
+                # UnknownTableError: the table is gone.
+                new = None
+            if new != old:
+                stale.append(table)
+                seen.pop(table, None)
+        factory.invalidate(stale)
 
     def _changing(self, method: str, *args: Any) -> dict[str, Any]:
         outcome = self._call(method, *args, timeout=RELOAD_TIMEOUT)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -57,7 +56,9 @@ def _run(
 
     with open(log, "a", encoding="utf-8") as stream:
         configure_logging(fmt="json", level="debug", stream=stream)
-        registry = DatabaseRegistry.connect(socket=socket, authkey_file=authkey_file)
+        registry = DatabaseRegistry.connect(
+            socket=socket, authkey_file=authkey_file
+        )
         committed: list[int] = []
         in_doubt: list[int] = []
         failures: dict[str, int] = {}
@@ -169,23 +170,3 @@ class Writer:
                 with contextlib.suppress(ValueError):
                     events.append(json.loads(line))
         return events
-
-
-def wait_all_commit(
-    writers: list[Writer], *, more_than: dict[int, int], timeout: float
-) -> None:
-    """Wait until every writer committed beyond ``more_than[worker]``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        behind = [
-            writer.worker
-            for writer in writers
-            if writer.committed <= more_than.get(writer.worker, 0)
-        ]
-        if not behind:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"writers {behind} committed nothing new within {timeout}s"
-            )
-        time.sleep(0.05)

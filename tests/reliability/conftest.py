@@ -19,11 +19,11 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+from sqlalchemy.engine import URL
 
 from dynaconnd.server import read_authkey
 from magenta_dynaconn import DatabaseRegistry
@@ -31,6 +31,7 @@ from tests.helpers import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+    from pathlib import Path
 
     from magenta_dynaconn._remote import RemoteRegistry
 
@@ -79,9 +80,17 @@ def _forms(secret: str | bytes) -> set[bytes]:
         urllib.parse.quote_plus(secret),
         json.dumps(secret)[1:-1],
         repr(secret)[1:-1],
+        _in_url(secret),
     }
     # Compared lowercased: a value may be folded before it is shown.
     return {text.encode().lower() for text in texts}
+
+
+def _in_url(secret: str) -> str:
+    """Return ``secret`` as SQLAlchemy writes it inside a URL."""
+    url = URL.create("x", username="u", password=secret, host="h")
+    rendered = url.render_as_string(hide_password=False)
+    return rendered.split("://u:", 1)[1].rsplit("@h", 1)[0]
 
 
 class LeakScan:
@@ -98,13 +107,19 @@ class LeakScan:
 
     def register(self, where: str, text: str | bytes) -> list[str]:
         """Keep ``text`` for the final scan; return what it leaks now."""
-        data = text.encode("utf-8", "replace") if isinstance(text, str) else text
+        data = (
+            text.encode("utf-8", "replace") if isinstance(text, str) else text
+        )
         self.texts.append((where, data))
         return self._hits(where, data)
 
     def hits(self) -> list[str]:
         """Return every (text, secret) pair that leaks, over all texts."""
-        return [hit for where, data in self.texts for hit in self._hits(where, data)]
+        return [
+            hit
+            for where, data in self.texts
+            for hit in self._hits(where, data)
+        ]
 
     def _hits(self, where: str, data: bytes) -> list[str]:
         data = data.lower()

@@ -202,7 +202,9 @@ GENERATED = [
         data=GOOD.encode("utf-32"),
         issues=[(None, None, None)],
     ),
-    Case("generated: binary junk", "file", data=random.Random(7).randbytes(4096)),
+    Case(
+        "generated: binary junk", "file", data=random.Random(7).randbytes(4096)
+    ),
     Case(
         "generated: a thousand sections",
         "sections",
@@ -256,10 +258,10 @@ def corpus_daemon(
         daemon = factory(GOOD, prefix=_without_dac_override())
         client = daemon.connect()
         wait_for(
-        lambda: GOOD_NAMES == client.list_names(),
-        timeout=5,
-        what="the good file to be back",
-    )
+            lambda: GOOD_NAMES == client.list_names(),
+            timeout=5,
+            what="the good file to be back",
+        )
         yield daemon, client
     finally:
         factory.close()
@@ -321,7 +323,7 @@ def test_bad_file_follows_the_reload_rule(
     else:
         assert case.data is not None
         replace_file(config, case.data)
-    index, event = _outcome_event(daemon, mark)
+    _index, event = _outcome_event(daemon, mark)
     outcome = client.last_outcome()
     # The event comes just before the generation file moves.
     wait_for(
