@@ -593,6 +593,7 @@ class HealthMonitor:
         # No second run may start while this one waits on a dead host;
         # the end of this run sets the next one.
         self._arm(entry, None)
+        started = time.monotonic()
         delay: float | None = entry.state.interval
         try:
             result = probe(
@@ -601,7 +602,11 @@ class HealthMonitor:
             delay = self._record(entry, result)
         finally:
             if delay is not None:
-                self._arm(entry, delay)
+                # Count the wait from this run's start, so a host that
+                # hangs for the whole timeout is still probed every
+                # interval: down within interval x fall + timeout.
+                elapsed = time.monotonic() - started
+                self._arm(entry, max(0.0, delay - elapsed))
 
     def _record(self, entry: _Entry, result: ProbeResult) -> float | None:
         """Record ``result``; return the next delay, None if retired."""

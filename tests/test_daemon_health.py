@@ -108,9 +108,9 @@ def test_health_reports_up_down_and_recovery_once_per_transition(
 
     # A refused connection fails at once: fall probes, interval apart.
     refused_bound = INTERVAL * DEFAULT_FALL + PG_TIMEOUT + SLACK
-    # A black hole holds every probe for the whole timeout, and the
-    # next one starts an interval after the last one ended.
-    hole_bound = DEFAULT_FALL * (INTERVAL + MYSQL_TIMEOUT) + SLACK
+    # A black hole holds every probe for the whole timeout; probes still
+    # start an interval apart (the timeout is shorter than the interval).
+    hole_bound = INTERVAL * DEFAULT_FALL + MYSQL_TIMEOUT + SLACK
     # Down, the next probe may wait out a backoff first.
     rise_bound = (
         INTERVAL * DEFAULT_RISE
