@@ -350,11 +350,21 @@ class SchemaMonitor:
             with self._lock:
                 entry.is_job_running = False
                 wanted = entry.checks_finished < entry.demand_target
-                delay = 0.0 if wanted else entry.spec.schedule.reflect_interval
+                delay = 0.0 if wanted else self._next_delay(entry)
                 # Armed under the lock, so an on-demand request either
                 # sees this run going or arms after this line.
                 if self._is_current(entry):
                     self._arm(entry, delay)
+
+    @staticmethod
+    def _next_delay(entry: _Entry) -> float:
+        schedule = entry.spec.schedule
+        if entry.failures:
+            # A database that was down when reflected gets another try
+            # at the health interval's pace, not after a whole
+            # reflect_interval, so it is current soon after it is back.
+            return min(schedule.reflect_interval, schedule.health_interval)
+        return schedule.reflect_interval
 
     def _check(self, entry: _Entry) -> dict[str, Any] | None:
         """Fingerprint, reflect if needed; return the diff if published."""
