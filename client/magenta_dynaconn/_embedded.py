@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import weakref
@@ -16,9 +15,10 @@ from dynaconnd.errors import ConfigError
 from dynaconnd.health import probe
 from dynaconnd.registry import Registry
 from magenta_dynaconn._models import ModelFactory
+from magenta_dynaconn._scope import SessionScopeMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     from dynaconnd.registry import Instance, ReloadOutcome
 
@@ -37,7 +37,7 @@ def _forget_pools_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
-class DatabaseRegistry:
+class DatabaseRegistry(SessionScopeMixin):
     """Databases named in ``source.ini``, as engines, sessions and models.
 
     The file is read in this process; :meth:`connect` returns a registry
@@ -91,19 +91,6 @@ class DatabaseRegistry:
         if instance is None:
             instance = self._registry.lookup(name)
         return Session(instance.engine)
-
-    @contextlib.contextmanager
-    def session_scope(self, name: str) -> Iterator[Session]:
-        """Yield a session; commit on success, roll back on error, close."""
-        session = self.new_session(name)
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def get_db_instance(self, name: str, table: str) -> type[Any]:
         """Return the ORM class of ``table`` in the database ``name``."""

@@ -50,10 +50,11 @@ from dynaconnd.server import (
     read_authkey,
 )
 from magenta_dynaconn._models import ModelFactory
+from magenta_dynaconn._scope import SessionScopeMixin
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     import sqlalchemy as sa
 
@@ -271,7 +272,7 @@ def _reconnect(
     )
 
 
-class RemoteRegistry:
+class RemoteRegistry(SessionScopeMixin):
     """The databases a running ``dynaconnd`` serves, built in this process.
 
     ``socket`` and ``authkey_file`` default to ``$DYNACONN_SOCKET`` and
@@ -367,19 +368,6 @@ class RemoteRegistry:
         except KeyError:
             engine = self._engine(name)
         return Session(engine)
-
-    @contextlib.contextmanager
-    def session_scope(self, name: str) -> Iterator[Session]:
-        """Yield a session; commit on success, roll back on error, close."""
-        session = self.new_session(name)
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
 
     def get_db_instance(self, name: str, table: str) -> type[Any]:
         """Return the ORM class of ``table`` in the database ``name``."""
