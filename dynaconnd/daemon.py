@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import os
 import queue
+import resource
 import signal
 import stat
 import time
@@ -44,6 +45,9 @@ log = get_logger("daemon")
 
 #: How often the loop wakes with nothing queued, to check its threads.
 TICK = 0.5
+
+#: The open-file limit the daemon raises its soft limit to, if allowed.
+OPEN_FILE_TARGET = 65536
 
 #: Mode of the daemon's small state files (no secrets inside).
 STATE_FILE_MODE = 0o640
@@ -94,6 +98,28 @@ def _content_hash(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+def _raise_open_file_limit() -> None:
+    """Let the daemon use as many file descriptors as it is allowed.
+
+    Every client connection, database connection and watch is a
+    descriptor, and the usual soft limit of 1024 is below what
+    ``server.MAX_CONNECTIONS`` clients alone may need.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else OPEN_FILE_TARGET
+    wanted = min(wanted, OPEN_FILE_TARGET)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as error:
+            log.warning(
+                "daemon.open_file_limit",
+                soft=soft,
+                hard=hard,
+                error_class=error.__class__.__name__,
+            )
+
+
 class Daemon:
     """One running dynaconnd: owns the registry, the jobs and the socket."""
 
@@ -103,6 +129,7 @@ class Daemon:
         self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()
         self._should_exit = False
         self._exit_status = 0
+        self._stop_signals = 0
         self._epoch = 0
         self._last_hash: str | None = None
         self._watched: list[str] = [self.config_path]
@@ -136,6 +163,7 @@ class Daemon:
             socket=self.options.socket,
         )
         self._install_signal_handlers()
+        _raise_open_file_limit()
         authkey = load_or_create_authkey(
             self.options.authkey_file,
             group_readable=self.options.allowed_gid is not None,
@@ -203,6 +231,13 @@ class Daemon:
             log.debug("reload.skipped", reason="content unchanged")
             return outcome
         self._last_hash = digest
+
+        if not os.path.lexists(self.config_path) and outcome is not None:
+            # Mid-save (vim moves the old file away before writing the
+            # new one): the watcher fires again when the file is back.
+            log.warning("config.missing", file=self.config_path)
+            self._last_hash = None
+            return outcome
 
         if notify:
             self.notifier.reloading()
@@ -385,8 +420,12 @@ class Daemon:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only record the signal; the main loop acts on it.  A second
         # stop signal while stopping means "now": that one cannot wait.
-        if self._should_exit and signum != signal.SIGHUP:
-            os._exit(128 + signum)
+        if signum != signal.SIGHUP:
+            self._stop_signals += 1
+            # Counted here, not in the loop: the loop may be the thing
+            # that is stuck.
+            if self._stop_signals > 1:
+                os._exit(128 + signum)
         self._events.put(_Event("signal", signum))
 
     def _shutdown(self) -> int:

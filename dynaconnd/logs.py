@@ -36,6 +36,10 @@ MASK = "***"
 _URL_PASSWORD = re.compile(
     r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s]*@"
 )
+# ?password=... or &sslpassword=... in a URL's query string.
+_QUERY_PASSWORD = re.compile(
+    r"(?P<head>[?&][^=&\s]*pass[^=&\s]*=)[^&\s]*", re.IGNORECASE
+)
 
 _secrets_lock = threading.Lock()
 _secrets: set[str] = set()
@@ -63,6 +67,7 @@ def forget_secret(secret: str | None) -> None:
 def redact(text: str) -> str:
     """Return ``text`` with URL passwords and known secrets masked."""
     text = _URL_PASSWORD.sub(rf"\g<head>{MASK}@", text)
+    text = _QUERY_PASSWORD.sub(rf"\g<head>{MASK}", text)
     with _secrets_lock:
         secrets = sorted(_secrets, key=len, reverse=True)
     for secret in secrets:
@@ -109,22 +114,45 @@ def configure_logging(
                 ExceptionDictTransformer(show_locals=False)
             )
         ]
+    output = stream or sys.stdout
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             *exceptions,
             _redaction_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
-    # APScheduler logs every run through the standard library at INFO;
-    # our own job events say what matters.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+    # Libraries (APScheduler, watchdog) log through the standard library;
+    # render their records as the same one-object-per-line events.
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_logger_name,
+                structlog.processors.add_log_level,
+                stamp,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _redaction_processor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+    # The scheduler's listener already logs skipped and missed runs as
+    # job.skipped and job.missed; keep APScheduler's own copies out.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def quiet_library_defaults() -> None:

@@ -88,7 +88,7 @@ HANDSHAKE_TIMEOUT = 5.0
 #: A reply that cannot be sent within this many seconds ends the client.
 SEND_TIMEOUT = 30.0
 #: Connections served at once; more are turned away, not queued.
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 1024
 #: Repeated refusals of one (reason, uid) are logged at most this often.
 REJECTION_LOG_INTERVAL = 10.0
 #: stop() waits this long for connection threads to finish a call.

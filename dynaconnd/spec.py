@@ -63,8 +63,18 @@ class DatabaseSpec:
 
     @property
     def masked_url(self) -> str:
-        """Return the URL as text with its password replaced by ``***``."""
-        return self.url.render_as_string(hide_password=True)
+        """Return the URL as text with every password replaced by ``***``.
+
+        Drivers also take a password as a query parameter
+        (``?password=...``, ``sslpassword``), which ``URL`` does not hide
+        on its own.
+        """
+        url = self.url
+        hidden = {key: "***" for key in url.query if "pass" in key.lower()}
+        if hidden:
+            url = url.update_query_dict(hidden)
+        rendered = url.render_as_string(hide_password=True)
+        return rendered.replace("%2A%2A%2A", "***")
 
     @property
     def backend(self) -> str:

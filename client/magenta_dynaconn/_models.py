@@ -98,6 +98,12 @@ class Model:
             prop.key: getattr(self, prop.key) for prop in mapper.column_attrs
         }
 
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[Any, ...]]:
+        # Generated classes have no importable name, so a row cannot be
+        # pickled as itself; it crosses processes (a Queue, a Pool) as
+        # its column values, which Model(**values) turns back into a row.
+        return (dict, (self.as_dict(),))
+
     @classmethod
     def create(cls, session: orm.Session, **values: Any) -> Self:
         """Add a new row, flush it and return it."""

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CALL_TIMEOUT",
     "CONNECT_TIMEOUT",
+    "DATABASE_CALL_TIMEOUT",
     "RELOAD_TIMEOUT",
     "RemoteRegistry",
 ]
@@ -71,8 +72,12 @@ log = get_logger("client")
 
 #: Seconds to reach the daemon and agree on the protocol.
 CONNECT_TIMEOUT = 2.0
-#: Seconds an ordinary call may take once connected.
-CALL_TIMEOUT = 10.0
+#: Seconds an ordinary call may take once connected: the daemon answers
+#: these from memory, so a longer wait means it is frozen or gone.
+CALL_TIMEOUT = 2.0
+#: Seconds for calls that may touch a database first (a probe, or a
+#: reflection of a table the daemon has not seen yet).
+DATABASE_CALL_TIMEOUT = 10.0
 #: Seconds for calls that reload: the daemon proves new engines first.
 RELOAD_TIMEOUT = 90.0
 #: Without a generation file, ask the daemon at most this often.
@@ -392,11 +397,17 @@ class RemoteRegistry(SessionScopeMixin):
 
     def tables(self, name: str) -> list[str]:
         """Return the tables and views the daemon reflected for ``name``."""
-        return cast("list[str]", self._call("tables", name))
+        return cast(
+            "list[str]",
+            self._call("tables", name, timeout=DATABASE_CALL_TIMEOUT),
+        )
 
     def ping(self, name: str) -> dict[str, Any]:
         """Have the daemon check ``name`` now and report how that went."""
-        return cast("dict[str, Any]", self._call("ping", name))
+        return cast(
+            "dict[str, Any]",
+            self._call("ping", name, timeout=DATABASE_CALL_TIMEOUT),
+        )
 
     def health(self) -> dict[str, Any]:
         """Return every database's health record."""
@@ -646,13 +657,21 @@ class RemoteRegistry(SessionScopeMixin):
         def describe(table: str) -> dict[str, Any]:
             description = cast(
                 "dict[str, Any]",
-                self._call("table_description", name, table),
+                self._call(
+                    "table_description",
+                    name,
+                    table,
+                    timeout=DATABASE_CALL_TIMEOUT,
+                ),
             )
             seen[table] = description
             return description
 
         def list_tables() -> list[str]:
-            return cast("list[str]", self._call("tables", name))
+            return cast(
+                "list[str]",
+                self._call("tables", name, timeout=DATABASE_CALL_TIMEOUT),
+            )
 
         return ModelFactory(name, describe, list_tables)
 
@@ -662,7 +681,12 @@ class RemoteRegistry(SessionScopeMixin):
         stale: list[str] = []
         for table, old in list(seen.items()):
             try:
-                new = self._call("table_description", name, table)
+                new = self._call(
+                    "table_description",
+                    name,
+                    table,
+                    timeout=DATABASE_CALL_TIMEOUT,
+                )
             except KeyError:
                 # UnknownTableError: the table is gone.
                 new = None

@@ -145,23 +145,29 @@ def _settle(writers: list[Writer], engine: sa.Engine) -> list[dict[str, Any]]:
     return results
 
 
-def _transitions(
-    daemon: DaemonProcess, name: str, after: int = 0
-) -> list[str]:
-    return [
-        event["to"]
-        for event in daemon.named("health.changed", after=after)
-        if event["database"] == name
-    ]
+def _transitions(daemon: DaemonProcess, name: str) -> list[str]:
+    """Return the states ``name`` went through, counting slow as up.
+
+    A probe over the slow threshold on a loaded test machine is not part
+    of the story told here: reachable or not.
+    """
+    states: list[str] = []
+    for event in daemon.named("health.changed"):
+        state = "up" if event["to"] == "slow" else event["to"]
+        if event["database"] == name and state not in states[-1:]:
+            states.append(state)
+    return states
 
 
 def _wait_state(
     daemon: DaemonProcess, name: str, state: str, after: int
 ) -> int:
+    """Wait for ``name`` to reach ``state`` (slow counts as up)."""
+    wanted = {"up", "slow"} if state == "up" else {state}
     index, _ = daemon.wait_event(
         "health.changed",
         after=after,
-        where=lambda e: e["database"] == name and e["to"] == state,
+        where=lambda e: e["database"] == name and e["to"] in wanted,
         timeout=RECOVERY_TIMEOUT,
     )
     return index + 1
