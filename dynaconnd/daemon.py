@@ -397,13 +397,10 @@ class Daemon:
             self._last_watchdog = now
 
     def _health_status(self) -> str:
-        records = self.health.health()
-        up = sum(
-            1
-            for record in records.values()
-            if record.get("state") in {"up", "slow"}
-        )
-        return f"{up}/{len(records)} databases up"
+        # Called on every tick: counts only, never the full records.
+        counts = self.health.state_counts()
+        up = counts.get("up", 0) + counts.get("slow", 0)
+        return f"{up}/{sum(counts.values())} databases up"
 
     def _update_status(self) -> None:
         status = self._health_status()

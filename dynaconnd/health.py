@@ -73,7 +73,10 @@ DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 DEFAULT_HISTORY = 20
 DEFAULT_JITTER = 0.2
-DEFAULT_MAX_WORKERS = 32
+# Each probe of a host that never answers holds a thread for its whole
+# timeout; enough threads that a hundred such hosts leave room for the
+# healthy ones.  Threads are only started when needed.
+DEFAULT_MAX_WORKERS = 128
 # Without an explicit max_backoff, a database that stays down is checked
 # at most this many intervals apart.
 MAX_BACKOFF_FACTOR = 4.0
@@ -643,6 +646,15 @@ class HealthMonitor:
                 next_in=round(delay, 3),
             )
         return delay
+
+    def state_counts(self) -> dict[str, int]:
+        """Return how many databases are in each state; cheap to call."""
+        counts: dict[str, int] = {}
+        with self._lock:
+            for entry in self._entries.values():
+                state = entry.state.state
+                counts[state] = counts.get(state, 0) + 1
+        return counts
 
     def health(self) -> dict[str, dict[str, Any]]:
         """Return every watched database's health as plain data."""

@@ -412,17 +412,23 @@ def test_unknown_table_names_close_matches_and_spares_the_database(
     assert 2 == counted.checks
 
 
-def test_described_table_is_a_copy(
+def test_description_handed_out_never_changes_after_a_new_reflection(
     monitors: Callable[..., SchemaMonitor], sqlite_url: URL
 ) -> None:
-    """Changing a returned description leaves the monitor's state alone."""
+    """A new reflection replaces the state; old descriptions stay as read."""
     create_shop(sqlite_url)
     monitor = monitors()
     monitor.sync({"shop": spec("shop", sqlite_url, interval=LONG)})
+    before = monitor.describe("shop", "customer")
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE customer ADD COLUMN x TEXT"))
+    engine.dispose()
 
-    monitor.describe("shop", "customer")["columns"].clear()
+    monitor.refresh("shop")
 
-    assert 2 == len(monitor.describe("shop", "customer")["columns"])
+    assert 2 == len(before["columns"])
+    assert 3 == len(monitor.describe("shop", "customer")["columns"])
 
 
 def test_unknown_database_raises(

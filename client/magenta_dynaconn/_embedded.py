@@ -9,18 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from dynaconnd import editing, schema
-from dynaconnd.config import load_config
-from dynaconnd.errors import ConfigError
-from dynaconnd.health import probe
-from dynaconnd.registry import Registry
-from magenta_dynaconn._models import ModelFactory
 from magenta_dynaconn._scope import SessionScopeMixin
+
+# The reader, the registry and the model builder are imported where they
+# are used: an app that only talks to the daemon never needs them, and
+# importing them costs a noticeable part of a cold start.
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from dynaconnd.registry import Instance, ReloadOutcome
+    from magenta_dynaconn._models import ModelFactory
 
 __all__ = ["DatabaseRegistry"]
 
@@ -51,6 +50,9 @@ class DatabaseRegistry(SessionScopeMixin):
         drain_timeout: float = 30.0,
     ) -> None:
         self.source = os.path.abspath(source)
+        from dynaconnd.config import load_config
+        from dynaconnd.registry import Registry
+
         self._registry = Registry(drain_timeout=drain_timeout)
         self._factories: dict[str, tuple[Instance, ModelFactory]] = {}
         self._lock = threading.Lock()
@@ -99,6 +101,8 @@ class DatabaseRegistry(SessionScopeMixin):
     def tables(self, name: str) -> list[str]:
         """Return the tables and views of ``name`` that can be reflected."""
         instance = self._registry.lookup(name)
+        from dynaconnd import schema
+
         return schema.list_tables(instance.engine, instance.spec.reflection)
 
     def describe(self, name: str) -> dict[str, Any]:
@@ -108,6 +112,8 @@ class DatabaseRegistry(SessionScopeMixin):
     def ping(self, name: str) -> dict[str, Any]:
         """Connect to ``name`` now and report how that went."""
         instance = self._registry.lookup(name)
+        from dynaconnd.health import probe
+
         result = probe(
             instance.engine, timeout=instance.spec.schedule.health_timeout
         )
@@ -115,6 +121,9 @@ class DatabaseRegistry(SessionScopeMixin):
 
     def reload(self) -> ReloadOutcome:
         """Read source.ini again and apply what changed."""
+        from dynaconnd.config import load_config
+        from dynaconnd.errors import ConfigError
+
         try:
             config = load_config(self.source)
         except ConfigError as error:
@@ -133,6 +142,8 @@ class DatabaseRegistry(SessionScopeMixin):
         overwrite: bool = False,
     ) -> ReloadOutcome:
         """Add a section to source.ini, then apply it."""
+        from dynaconnd import editing
+
         editing.add_section(self.source, name, data, overwrite=overwrite)
         return self.reload()
 
@@ -140,11 +151,15 @@ class DatabaseRegistry(SessionScopeMixin):
         self, name: str, data: Mapping[str, str | int | None]
     ) -> ReloadOutcome:
         """Change keys of a section in source.ini, then apply it."""
+        from dynaconnd import editing
+
         editing.update_section(self.source, name, data)
         return self.reload()
 
     def remove_instance(self, name: str) -> ReloadOutcome:
         """Remove a section from source.ini, then apply that."""
+        from dynaconnd import editing
+
         editing.remove_section(self.source, name)
         return self.reload()
 
@@ -168,6 +183,9 @@ class DatabaseRegistry(SessionScopeMixin):
             cached = self._factories.get(name)
             if cached is not None and cached[0] is instance:
                 return cached[1]
+            from dynaconnd import schema
+            from magenta_dynaconn._models import ModelFactory
+
             engine = instance.engine
             scope = instance.spec.reflection
 
