@@ -19,6 +19,7 @@ from magenta_dynaconn import (
     UnknownTableError,
 )
 from tests.conftest import ini_section
+from tests.helpers import wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -327,3 +328,49 @@ def test_session_after_fork_uses_fresh_connections(
     )
 
     assert "0 True" == result.stdout.strip().splitlines()[-1], result.stderr
+
+
+def test_health_reports_what_ping_found(registry: DatabaseRegistry) -> None:
+    """Without monitoring, health() holds the results of ping()."""
+    before = registry.health()["main"]["state"]
+
+    registry.ping("main")
+    after = registry.health()["main"]
+
+    assert "unknown" == before
+    assert "up" == after["state"]
+    assert 1 == len(after["history"])
+
+
+def test_monitor_health_checks_in_the_background(
+    tmp_path: Path, sqlite_url: URL
+) -> None:
+    """With monitor_health, databases are probed without any call."""
+    make_product_table(sqlite_url)
+    ini = tmp_path / "source.ini"
+    ini.write_text(
+        ini_section("main", sqlite_url)
+        + "health_interval = 200ms\n\n[gone]\nsource = postgresql\n"
+        "host = 127.0.0.1\nport = 1\nbase = x\nhealth_interval = 200ms\n"
+        "health_timeout = 1s\n"
+    )
+
+    with DatabaseRegistry(ini, monitor_health=True) as registry:
+        states = wait_for(
+            lambda: (
+                states
+                if (states := _states(registry))
+                == {"main": "up", "gone": "down"}
+                else None
+            ),
+            timeout=20,
+            what="main up and gone down",
+        )
+
+    assert {"main": "up", "gone": "down"} == states
+
+
+def _states(registry: DatabaseRegistry) -> dict[str, str]:
+    return {
+        name: record["state"] for name, record in registry.health().items()
+    }

@@ -18,6 +18,7 @@ from magenta_dynaconn._scope import SessionScopeMixin
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from dynaconnd.config import LoadedConfig
     from dynaconnd.registry import Instance, ReloadOutcome
     from magenta_dynaconn._models import ModelFactory
 
@@ -48,16 +49,28 @@ class DatabaseRegistry(SessionScopeMixin):
         source: str | os.PathLike[str] = "source.ini",
         *,
         drain_timeout: float = 30.0,
+        monitor_health: bool = False,
     ) -> None:
-        self.source = os.path.abspath(source)
-        from dynaconnd.config import load_config
-        from dynaconnd.registry import Registry
+        """Read ``source`` and build an engine for each valid section.
 
+        With ``monitor_health``, every database is also checked in the
+        background on its ``health_interval``, as the daemon does;
+        otherwise :meth:`health` reports what :meth:`ping` found.
+        """
+        from dynaconnd.config import load_config
+        from dynaconnd.health import HealthMonitor
+        from dynaconnd.registry import Registry
+        from dynaconnd.scheduling import make_scheduler
+
+        self.source = os.path.abspath(source)
         self._registry = Registry(drain_timeout=drain_timeout)
         self._factories: dict[str, tuple[Instance, ModelFactory]] = {}
         self._lock = threading.Lock()
-        config = load_config(self.source)
-        self._registry.apply(config)
+        self._scheduler = make_scheduler(max_workers=4)
+        self._health = HealthMonitor(self._scheduler)
+        self._apply(load_config(self.source))
+        if monitor_health:
+            self._scheduler.start()
         _live_registries.add(self)
 
     @classmethod
@@ -110,14 +123,13 @@ class DatabaseRegistry(SessionScopeMixin):
         return self._registry.lookup(name).spec.describe()
 
     def ping(self, name: str) -> dict[str, Any]:
-        """Connect to ``name`` now and report how that went."""
-        instance = self._registry.lookup(name)
-        from dynaconnd.health import probe
+        """Connect to ``name`` now, record the result and return it."""
+        self._registry.lookup(name)
+        return self._health.ping(name)
 
-        result = probe(
-            instance.engine, timeout=instance.spec.schedule.health_timeout
-        )
-        return result.as_dict()
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Return each database's state, latency, errors and history."""
+        return self._health.health()
 
     def reload(self) -> ReloadOutcome:
         """Read source.ini again and apply what changed."""
@@ -128,7 +140,7 @@ class DatabaseRegistry(SessionScopeMixin):
             config = load_config(self.source)
         except ConfigError as error:
             return self._registry.reject(error, path=self.source)
-        return self._registry.apply(config)
+        return self._apply(config)
 
     def last_outcome(self) -> ReloadOutcome | None:
         """Return what the most recent reload did."""
@@ -166,6 +178,9 @@ class DatabaseRegistry(SessionScopeMixin):
     def close(self) -> None:
         """Dispose every engine; the registry cannot be used afterwards."""
         _live_registries.discard(self)
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+        self._health.close()
         self._registry.close()
 
     def __enter__(self) -> DatabaseRegistry:
@@ -173,6 +188,16 @@ class DatabaseRegistry(SessionScopeMixin):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def _apply(self, config: LoadedConfig) -> ReloadOutcome:
+        outcome = self._registry.apply(config)
+        self._health.sync(
+            {
+                name: instance.spec
+                for name, instance in self._registry.snapshot.instances.items()
+            }
+        )
+        return outcome
 
     def _factory(self, name: str) -> ModelFactory:
         instance = self._registry.lookup(name)
