@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -236,6 +236,10 @@ class DaemonProcess:
     they override the defaults (a later ``--debounce`` wins).
     ``wrapper`` is Python code run with ``-c`` in place of ``-m``; it
     gets ``dynaconnd``'s arguments after its own ``sys.argv[0]``.
+    ``prefix`` goes before the interpreter (``setpriv ... --``, say).
+    ``state_dir`` is ``folder/state`` by default: pass a folder of the
+    test's own, or ``None`` to start without ``--state-dir``.
+    ``env`` replaces the whole environment (see ``clean_environment``).
     """
 
     def __init__(
@@ -247,21 +251,26 @@ class DaemonProcess:
         args: Sequence[str] = (),
         log_level: str = "info",
         wrapper: str | None = None,
+        prefix: Sequence[str] = (),
+        state_dir: Path | None | Literal["default"] = "default",
         env: dict[str, str] | None = None,
     ) -> None:
         self.folder = folder
         self.config = config or folder / "etc" / "source.ini"
         self.socket = str(folder / "run" / "dynaconnd.sock")
         self.authkey_file = str(folder / "run" / "authkey")
-        self.state_dir = folder / "state"
+        self.state_dir = folder / "state" if state_dir == "default" else state_dir
         self.args = tuple(args)
         self.log_level = log_level
         self.wrapper = wrapper
+        self.prefix = tuple(prefix)
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self._reader: _LineReader | None = None
-        # Events of earlier runs, so a restarted daemon keeps its past.
+        # Events and output of earlier runs, so a restarted daemon keeps
+        # its past.
         self._past: list[dict[str, Any]] = []
+        self._past_lines: list[str] = []
         self._clients: list[RemoteRegistry] = []
         self.config.parent.mkdir(parents=True, exist_ok=True)
         if ini is not None:
@@ -292,7 +301,9 @@ class DaemonProcess:
     def argv(self) -> list[str]:
         """Return the command line that starts this daemon."""
         head = ["-m"] if self.wrapper is None else ["-c", self.wrapper]
+        state = [] if self.state_dir is None else ["--state-dir"]
         return [
+            *self.prefix,
             sys.executable,
             *head,
             "dynaconnd",
@@ -302,8 +313,8 @@ class DaemonProcess:
             self.socket,
             "--authkey-file",
             self.authkey_file,
-            "--state-dir",
-            str(self.state_dir),
+            *state,
+            *map(str, [self.state_dir] if state else []),
             "--log-format",
             "json",
             "--log-level",
@@ -418,6 +429,7 @@ class DaemonProcess:
         if reader is not None:
             reader.join()
             self._past.extend(reader.events)
+            self._past_lines.extend(reader.lines)
 
     # -- events ----------------------------------------------------------
 
@@ -482,6 +494,20 @@ class DaemonProcess:
     def tail(self, count: int = 40) -> str:
         """Return the end of the current run's output."""
         return "" if self._reader is None else self._reader.tail(count)
+
+    def output(self) -> str:
+        """Return everything every run has written so far."""
+        lines = list(self._past_lines)
+        reader = self._reader
+        if reader is not None:
+            with reader.changed:
+                lines += reader.lines
+        return "\n".join(lines)
+
+    def cli_argv(self, *argv: str) -> list[str]:
+        """Return ``argv`` for ``dynaconn``, pointed at this daemon."""
+        socket = ["--socket", self.socket]
+        return [*socket, "--authkey-file", self.authkey_file, *argv]
 
 
 class AgentError(Exception):
