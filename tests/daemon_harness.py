@@ -26,6 +26,7 @@ leaks nothing, even when it fails.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -39,8 +40,10 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+import pytest
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import TracebackType
 
     from magenta_dynaconn._remote import RemoteRegistry
@@ -58,6 +61,7 @@ __all__ = [
     "clean_environment",
     "inotify_can_be_denied",
     "sqlite_section",
+    "start_dynaconnd",
     "write_atomically",
 ]
 
@@ -252,14 +256,16 @@ class DaemonProcess:
         log_level: str = "info",
         wrapper: str | None = None,
         prefix: Sequence[str] = (),
-        state_dir: Path | None | Literal["default"] = "default",
+        state_dir: Path | Literal["default"] | None = "default",
         env: dict[str, str] | None = None,
     ) -> None:
         self.folder = folder
         self.config = config or folder / "etc" / "source.ini"
         self.socket = str(folder / "run" / "dynaconnd.sock")
         self.authkey_file = str(folder / "run" / "authkey")
-        self.state_dir = folder / "state" if state_dir == "default" else state_dir
+        if isinstance(state_dir, str):
+            state_dir = folder / "state"
+        self.state_dir = state_dir
         self.args = tuple(args)
         self.log_level = log_level
         self.wrapper = wrapper
@@ -301,7 +307,9 @@ class DaemonProcess:
     def argv(self) -> list[str]:
         """Return the command line that starts this daemon."""
         head = ["-m"] if self.wrapper is None else ["-c", self.wrapper]
-        state = [] if self.state_dir is None else ["--state-dir"]
+        state = []
+        if self.state_dir is not None:
+            state = ["--state-dir", str(self.state_dir)]
         return [
             *self.prefix,
             sys.executable,
@@ -314,7 +322,6 @@ class DaemonProcess:
             "--authkey-file",
             self.authkey_file,
             *state,
-            *map(str, [self.state_dir] if state else []),
             "--log-format",
             "json",
             "--log-level",
@@ -818,6 +825,37 @@ class DaemonFactory:
             client.close()
         for daemon in self._daemons:
             daemon.close()
+
+
+@pytest.fixture
+def start_dynaconnd(
+    tmp_path: Path,
+) -> Iterator[Callable[..., DaemonProcess]]:
+    """Yield ``start(ini, *, args=(), env=None)``, which returns a daemon.
+
+    Each daemon runs in a folder of its own under ``tmp_path``, with
+    ``--debounce 50ms``, no state folder and ``env`` added to a clean
+    environment; ``start`` returns once it is ready.  Every daemon is
+    killed after the test.
+    """
+    names = (f"daemon{number}" for number in itertools.count())
+    with DaemonFactory(tmp_path) as factory:
+
+        def start(
+            ini: str,
+            *,
+            args: Sequence[str] = (),
+            env: Mapping[str, str] | None = None,
+        ) -> DaemonProcess:
+            return factory.start(
+                next(names),
+                ini=ini,
+                args=["--debounce", "50ms", *args],
+                state_dir=None,
+                env=clean_environment(**(env or {})),
+            )
+
+        yield start
 
 
 if __name__ == "__main__":

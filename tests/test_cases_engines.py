@@ -119,7 +119,9 @@ def test_session_held_across_the_idle_limit_fails_once(
 
     time.sleep(IDLE_LIMIT + 1.5)
 
-    with pytest.raises(sa.exc.OperationalError, match="gone away|Lost connection"):
+    with pytest.raises(
+        sa.exc.OperationalError, match=r"gone away|Lost connection"
+    ):
         session.execute(sa.text("SELECT 1"))
     session.rollback()
     session.close()

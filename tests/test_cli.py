@@ -15,11 +15,9 @@ import pytest
 
 from magenta_dynaconn.cli import main
 from tests.conftest import ini_section
-from tests.daemon_process import (
-    START_TIMEOUT,
+from tests.daemon_harness import (
     DaemonProcess,
-    kill,
-    launch,
+    clean_environment,
     start_dynaconnd,
 )
 from tests.helpers import wait_for
@@ -109,12 +107,14 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """
     home = tmp_path_factory.mktemp("two")
     ini = sqlite_section(home, "main") + sqlite_section(home, "crm")
-    daemon = launch(home / "daemon", ini)
-    try:
-        daemon.wait_event("daemon.ready", timeout=START_TIMEOUT)
+    with DaemonProcess(
+        home / "daemon",
+        ini=ini,
+        args=["--debounce", "50ms"],
+        state_dir=None,
+        env=clean_environment(),
+    ) as daemon:
         yield daemon
-    finally:
-        kill(daemon)
 
 
 def states(capsys: pytest.CaptureFixture[str], daemon: DaemonProcess) -> Any:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.daemon_harness import (
+    START_TIMEOUT,
+    STEP_TIMEOUT,
+    DaemonProcess,
+    clean_environment,
+    sqlite_section,
+)
 from tests.helpers import wait_for
 
 if TYPE_CHECKING:
@@ -25,25 +29,8 @@ if TYPE_CHECKING:
 #: systemd would kill the daemon after this long without WATCHDOG=1.
 WATCHDOG_USEC = 400_000
 
-#: Start-up imports SQLAlchemy and friends: allow for a slow machine.
-START_TIMEOUT = 30.0
-STEP_TIMEOUT = 15.0
-
 READY = re.compile(rb"READY=1\nSTATUS=([0-9]+)/([0-9]+) databases up")
 RELOADING = re.compile(rb"RELOADING=1\nMONOTONIC_USEC=([0-9]+)")
-
-# Variables a systemd unit would set that must not leak in from a test
-# runner that itself runs under systemd.
-_SYSTEMD_VARIABLES = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "RUNTIME_DIRECTORY",
-    "STATE_DIRECTORY",
-    "CREDENTIALS_DIRECTORY",
-    "DYNACONN_SOCKET",
-    "DYNACONN_AUTHKEY_FILE",
-)
 
 # Runs the daemon as the kernel's MemoryDenyWriteExecute would: no
 # mapping may become writable and executable, nor gain exec later.
@@ -63,16 +50,26 @@ def _monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-class RunningDaemon:
-    """A dynaconnd subprocess and the datagrams it has sent so far."""
+class NotifiedDaemon(DaemonProcess):
+    """A dynaconnd whose NOTIFY_SOCKET is a datagram socket of the test."""
 
-    def __init__(
-        self, process: subprocess.Popen[bytes], listener: socket.socket
-    ) -> None:
-        self.process = process
-        self.listener = listener
-        self.log_path = ""
+    def __init__(self, folder: Path, **options: Any) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.listener.bind(str(folder / "notify"))
+        self.listener.setblocking(False)
         self.messages: list[bytes] = []
+        env = clean_environment(
+            NOTIFY_SOCKET=str(folder / "notify"),
+            WATCHDOG_USEC=str(WATCHDOG_USEC),
+        )
+        super().__init__(folder, env=env, **options)
+
+    def close(self) -> None:
+        """Kill the daemon as ``DaemonProcess`` does; close the socket."""
+        try:
+            super().close()
+        finally:
+            self.listener.close()
 
     def drain(self) -> list[bytes]:
         """Read every datagram waiting on the socket; return them all."""
@@ -81,20 +78,6 @@ class RunningDaemon:
                 self.messages.append(self.listener.recv(4096))
             except BlockingIOError:
                 return self.messages
-
-    def log_events(self) -> list[dict[str, Any]]:
-        """Return the daemon's JSON log lines parsed, skipping any other."""
-        events = []
-        with open(self.log_path, encoding="utf-8") as handle:
-            for line in handle:
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
-        return events
-
-    def log_tail(self, lines: int = 30) -> str:
-        """Return the end of the daemon's output, for failure messages."""
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
 
     def wait_message(
         self,
@@ -119,95 +102,48 @@ class RunningDaemon:
         return found - 1
 
     def _fail_if_exited(self, what: str) -> None:
-        status = self.process.poll()
+        status = self.process and self.process.poll()
         if status is not None:
             pytest.fail(
                 f"dynaconnd exited with status {status} while waiting for"
-                f" {what}; messages {self.messages!r}; output:\n"
-                + self.log_tail()
+                f" {what}; messages {self.messages!r}; output:\n" + self.tail()
             )
 
 
-def _sqlite_section(tmp_path: Path, name: str) -> str:
-    """Create SQLite database ``name`` and return its source.ini section."""
-    # Probes open the file read-only, so it must exist to be up.
-    path = tmp_path / f"{name}.sqlite3"
-    with contextlib.closing(sqlite3.connect(path)) as connection:
-        connection.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER)")
-        connection.commit()
-    return (
-        f"[{name}]\nsource = sqlite\nbase = {tmp_path / name}.sqlite3\n"
-        "health_interval = 1s\n\n"
-    )
+def _sqlite_section(folder: Path, name: str) -> str:
+    """Create SQLite database ``name``; return its section, probed often."""
+    return sqlite_section(folder, name, extra="health_interval = 1s\n")
 
 
 @pytest.fixture
-def start_daemon(
-    tmp_path: Path,
-) -> Iterator[Callable[..., RunningDaemon]]:
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., NotifiedDaemon]]:
     """Yield a function that starts dynaconnd; kill it afterwards."""
-    started: list[RunningDaemon] = []
-    sockets: list[socket.socket] = []
+    started: list[NotifiedDaemon] = []
 
-    def start(*, ini: str, prefix: tuple[str, ...] = ("-m",)) -> RunningDaemon:
-        config = tmp_path / "source.ini"
-        config.write_text(ini)
-        notify_path = tmp_path / "notify"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sockets.append(listener)
-        listener.bind(str(notify_path))
-        listener.setblocking(False)
-
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in _SYSTEMD_VARIABLES
-        }
-        env["NOTIFY_SOCKET"] = str(notify_path)
-        env["WATCHDOG_USEC"] = str(WATCHDOG_USEC)
-        argv = [
-            sys.executable,
-            *prefix,
-            "dynaconnd",
-            "--config",
-            str(config),
-            "--socket",
-            str(tmp_path / "d.sock"),
-            "--authkey-file",
-            str(tmp_path / "key"),
-            "--log-format",
-            "json",
-        ]
-        log_path = tmp_path / "daemon.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=tmp_path,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        daemon = RunningDaemon(process, listener)
-        daemon.log_path = str(log_path)
+    def start(*, ini: str, wrapper: str | None = None) -> NotifiedDaemon:
+        daemon = NotifiedDaemon(
+            tmp_path,
+            config=tmp_path / "source.ini",
+            ini=ini,
+            wrapper=wrapper,
+            state_dir=None,
+            # The daemon's own default, not the harness's 100ms.
+            args=["--debounce", "150ms"],
+        )
         started.append(daemon)
-        return daemon
+        return daemon.start(wait_ready=False)
 
     try:
         yield start
     finally:
         for daemon in started:
-            if daemon.process.poll() is None:
-                daemon.process.kill()
-            daemon.process.wait(timeout=STEP_TIMEOUT)
-        for listener in sockets:
-            listener.close()
+            daemon.close()
 
 
 @pytest.fixture
 def daemon(
-    tmp_path: Path, start_daemon: Callable[..., RunningDaemon]
-) -> RunningDaemon:
+    tmp_path: Path, start_daemon: Callable[..., NotifiedDaemon]
+) -> NotifiedDaemon:
     """Start dynaconnd on one SQLite database and wait for READY=1."""
     running = start_daemon(ini=_sqlite_section(tmp_path, "main"))
     running.wait_message(
@@ -216,13 +152,8 @@ def daemon(
     return running
 
 
-def _stop(daemon: RunningDaemon) -> int:
-    daemon.process.send_signal(signal.SIGTERM)
-    return daemon.process.wait(timeout=STEP_TIMEOUT)
-
-
 def test_daemon_sends_ready_with_database_count(
-    daemon: RunningDaemon,
+    daemon: NotifiedDaemon,
 ) -> None:
     """READY=1 carries an "N/M databases up" status for the 1 database."""
     ready = daemon.wait_message(READY.fullmatch, what="READY=1")
@@ -233,10 +164,10 @@ def test_daemon_sends_ready_with_database_count(
 
 
 def test_daemon_sends_ready_once_after_the_socket_is_served(
-    daemon: RunningDaemon, tmp_path: Path
+    daemon: NotifiedDaemon, tmp_path: Path
 ) -> None:
     """Start-up sends one READY=1, no RELOADING=1, and serves first."""
-    assert (tmp_path / "d.sock").exists()
+    assert os.path.exists(daemon.socket)
 
     # The first watchdog ping comes from the main loop, after start-up.
     first_ping = daemon.wait_message(
@@ -252,7 +183,7 @@ def test_daemon_sends_ready_once_after_the_socket_is_served(
     ), f"start-up sent {start_up!r}"
 
 
-def test_daemon_status_follows_health(daemon: RunningDaemon) -> None:
+def test_daemon_status_follows_health(daemon: NotifiedDaemon) -> None:
     """STATUS= reports the database up once its first probe succeeds."""
     daemon.wait_message(
         lambda message: b"STATUS=1/1 databases up" in message,
@@ -260,7 +191,7 @@ def test_daemon_status_follows_health(daemon: RunningDaemon) -> None:
     )
 
 
-def test_daemon_feeds_the_watchdog_repeatedly(daemon: RunningDaemon) -> None:
+def test_daemon_feeds_the_watchdog_repeatedly(daemon: NotifiedDaemon) -> None:
     """WATCHDOG=1 arrives again and again, well within WATCHDOG_USEC."""
     pings: list[float] = []
     after = 0
@@ -278,7 +209,7 @@ def test_daemon_feeds_the_watchdog_repeatedly(daemon: RunningDaemon) -> None:
 
 
 def test_daemon_reload_on_save_sends_reloading_then_ready(
-    daemon: RunningDaemon, tmp_path: Path
+    daemon: NotifiedDaemon, tmp_path: Path
 ) -> None:
     """Saving source.ini sends RELOADING=1 with the time, then READY=1."""
     mark = len(daemon.drain())
@@ -304,13 +235,13 @@ def test_daemon_reload_on_save_sends_reloading_then_ready(
 
 
 def test_daemon_reload_on_sighup_sends_reloading_then_ready(
-    daemon: RunningDaemon,
+    daemon: NotifiedDaemon,
 ) -> None:
     """SIGHUP (systemctl reload) sends RELOADING=1, then READY=1."""
     mark = len(daemon.drain())
     before = _monotonic_usec()
 
-    daemon.process.send_signal(signal.SIGHUP)
+    daemon.send_signal(signal.SIGHUP)
 
     reloading = daemon.wait_message(
         RELOADING.fullmatch, after=mark, what="RELOADING=1 after SIGHUP"
@@ -325,19 +256,19 @@ def test_daemon_reload_on_sighup_sends_reloading_then_ready(
 
 
 def test_daemon_stops_on_sigterm_with_stopping_and_status_0(
-    daemon: RunningDaemon,
+    daemon: NotifiedDaemon,
 ) -> None:
     """SIGTERM sends STOPPING=1 and the daemon exits with status 0."""
     mark = len(daemon.drain())
 
-    status = _stop(daemon)
+    status = daemon.stop()
 
-    assert 0 == status, daemon.log_tail()
+    assert 0 == status, daemon.tail()
     assert b"STOPPING=1" in daemon.drain()[mark:]
 
 
 def test_daemon_runs_under_memory_deny_write_execute(
-    tmp_path: Path, start_daemon: Callable[..., RunningDaemon]
+    tmp_path: Path, start_daemon: Callable[..., NotifiedDaemon]
 ) -> None:
     """The daemon and both server drivers work without W+X memory."""
     ini = (
@@ -348,7 +279,7 @@ def test_daemon_runs_under_memory_deny_write_execute(
         "[maria]\nsource = mysql\nhost = 127.0.0.1\nport = 1\n"
         "base = x\nusername = x\nhealth_interval = 1s\n\n"
     )
-    daemon = start_daemon(ini=ini, prefix=("-c", _UNDER_MDWE))
+    daemon = start_daemon(ini=ini, wrapper=_UNDER_MDWE)
     with contextlib.suppress(subprocess.TimeoutExpired):
         if _NO_MDWE == daemon.process.wait(timeout=0.5):
             pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
@@ -357,14 +288,9 @@ def test_daemon_runs_under_memory_deny_write_execute(
         READY.fullmatch, what="READY=1 under MDWE", timeout=START_TIMEOUT
     )
 
-    def probed() -> bool:
-        daemon._fail_if_exited("health.changed for every database")
-        return {
-            event["database"]
-            for event in daemon.log_events()
-            if event.get("event") == "health.changed"
-        } >= {"main", "pg", "maria"}
-
-    wait_for(probed, timeout=START_TIMEOUT, what="every database probed")
-    status = _stop(daemon)
-    assert 0 == status, daemon.log_tail()
+    for name in ("main", "pg", "maria"):
+        daemon.wait_event(
+            "health.changed", database=name, timeout=START_TIMEOUT
+        )
+    status = daemon.stop()
+    assert 0 == status, daemon.tail()

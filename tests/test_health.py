@@ -8,12 +8,8 @@ never stopped.
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import shutil
-import socket
 import sqlite3
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +33,15 @@ from dynaconnd.health import (
 )
 from dynaconnd.scheduling import make_scheduler
 from dynaconnd.spec import DatabaseSpec, Schedule
-from tests.conftest import IN_CI
 from tests.helpers import wait_for
 from tests.proxy import TcpProxy
+from tests.servers import free_port, superuser_url, throwaway_postgresql
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
+
+__all__ = ["throwaway_postgresql"]
 
 PLANTED = "pl4nted-s3cret"
 
@@ -82,14 +80,6 @@ def spec(
         url=url,
         schedule=Schedule(health_interval=interval, health_timeout=timeout),
     )
-
-
-def free_port() -> int:
-    """Return a local port nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def changes(
@@ -725,65 +715,13 @@ def test_logs_never_carry_the_password(
     assert PLANTED not in repr(monitor.health())
 
 
-# A throwaway PostgreSQL server, stopped and started.
-
-
-@pytest.fixture
-def throwaway_postgresql() -> Iterator[Any]:
-    """Start a PostgreSQL server of the test's own; yield its executor."""
-    executor_module = pytest.importorskip("pytest_postgresql.executors")
-    pg_ctl = shutil.which("pg_ctl")
-    runuser = shutil.which("runuser")
-    if pg_ctl is None or (os.geteuid() == 0 and runuser is None):
-        reason = "pg_ctl (and runuser, as root) are needed"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-    home = tempfile.mkdtemp(prefix="dynaconn-pg-")
-    executable = pg_ctl
-    if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run pg_ctl as postgres, in a
-        # folder that user owns.
-        shutil.chown(home, user="postgres")
-        executable = os.path.join(home, "pg_ctl")
-        with open(executable, "w") as wrapper:
-            wrapper.write(
-                f'#!/bin/sh\nexec {runuser} -u postgres -- {pg_ctl} "$@"\n'
-            )
-        os.chmod(executable, 0o755)
-    server = executor_module.PostgreSQLExecutor(
-        executable=executable,
-        host="127.0.0.1",
-        port=free_port(),
-        datadir=os.path.join(home, "data"),
-        unixsocketdir=home,
-        logfile=os.path.join(home, "server.log"),
-        startparams="-w",
-        dbname="postgres",
-        user="postgres",
-    )
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(home, ignore_errors=True)
-
-
 @pytest.mark.slow
 def test_restarted_postgresql_is_down_then_up(
     monitors: Callable[..., HealthMonitor], throwaway_postgresql: Any
 ) -> None:
     """A server stopped and started again gives two events, not a flood."""
     server = throwaway_postgresql
-    url = URL.create(
-        "postgresql+psycopg",
-        username="postgres",
-        host="127.0.0.1",
-        port=server.port,
-        database="postgres",
-    )
+    url = superuser_url(server)
     monitor = monitors(max_backoff=0.4)
 
     with capture_logs() as events:

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
-import shutil
-import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -24,9 +20,9 @@ from sqlalchemy.engine import URL
 
 from dynaconnd.atomic import atomic_write
 from magenta_dynaconn import DatabaseRegistry
-from tests.conftest import IN_CI
-from tests.daemon_process import DaemonProcess, start_dynaconnd
+from tests.daemon_harness import DaemonProcess, start_dynaconnd
 from tests.helpers import wait_for
+from tests.servers import postgresql_server
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -48,13 +44,6 @@ _HBA = """\
 local all postgres trust
 host all all 127.0.0.1/32 scram-sha-256
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 class Server:
@@ -95,52 +84,12 @@ class Server:
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """Start a PostgreSQL that really checks passwords; stop it after."""
-    executors = pytest.importorskip("pytest_postgresql.executors")
-    pg_ctl = shutil.which("pg_ctl")
-    runuser = shutil.which("runuser")
-    if pg_ctl is None or (os.geteuid() == 0 and runuser is None):
-        reason = "pg_ctl (and runuser, as root) are needed"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-    # PostgreSQL refuses to run as root, and pytest's folders are root's
-    # alone: a folder in /tmp owned by postgres serves both.
-    home = tempfile.mkdtemp(prefix="dynaconn-pg-")
-    executable = pg_ctl
-    if os.geteuid() == 0:
-        shutil.chown(home, user="postgres")
-        executable = os.path.join(home, "pg_ctl")
-        with open(executable, "w") as wrapper:
-            wrapper.write(
-                f'#!/bin/sh\nexec {runuser} -u postgres -- {pg_ctl} "$@"\n'
-            )
-        os.chmod(executable, 0o755)
-    hba = os.path.join(home, "pg_hba.conf")
-    with open(hba, "w") as handle:
-        handle.write(_HBA)
-    os.chmod(hba, 0o644)
-    port = _free_port()
-    process = executors.PostgreSQLExecutor(
-        executable=executable,
-        host="127.0.0.1",
-        port=port,
-        datadir=os.path.join(home, "data"),
-        unixsocketdir=home,
-        logfile=os.path.join(home, "server.log"),
-        startparams="-w",
-        dbname="postgres",
-        user="postgres",
-        postgres_options=f"-c hba_file={hba}",
-    )
-    try:
-        process.start()
-        running = Server(port, home)
-        yield running
-        running.admin.dispose()
-    finally:
-        process.stop()
-        shutil.rmtree(home, ignore_errors=True)
+    with postgresql_server(hba=_HBA) as executor:
+        running = Server(executor.port, executor.unixsocketdir)
+        try:
+            yield running
+        finally:
+            running.admin.dispose()
 
 
 class Role:
@@ -239,7 +188,7 @@ def test_every_secret_source_authenticates_through_the_daemon(
         "billing": by_credential.name,
     } == users
     assert {"crm": True, "shop": True, "billing": True} == pings
-    log = daemon.log_path.read_text()
+    log = daemon.output()
     for role in (by_file, by_env, by_credential):
         assert role.password not in log
 
@@ -262,7 +211,7 @@ def test_a_wrong_password_is_refused_by_this_server(
 
     assert (False, "OperationalError") == (pinged["ok"], pinged["error_class"])
     assert "password authentication failed" in pinged["error"]
-    assert "wrong-Secret-75b" not in daemon.log_path.read_text()
+    assert "wrong-Secret-75b" not in daemon.output()
 
 
 def test_a_changed_password_file_reloads_that_database(
@@ -277,7 +226,7 @@ def test_a_changed_password_file_reloads_that_database(
         role.section("crm", f"password_file = {secret}")
         + f"[main]\nsource = sqlite\nbase = {tmp_path / 'main.sqlite3'}\n"
     )
-    seen = len(daemon.events("reload.applied"))
+    seen = daemon.mark()
 
     role.rotate("new-Secret-77d")
     write_secret(secret, role.password)
@@ -388,7 +337,7 @@ def test_rotating_a_password_under_load_loses_nothing(
             timeout=30,
             what="every client committing",
         )
-        seen = len(daemon.events("reload.applied"))
+        seen = daemon.mark()
 
         # The order that loses nothing: the server first, then the file.
         role.rotate("after-Secret-79f")

@@ -10,7 +10,7 @@ import pytest
 
 from dynaconnd.config import parse_config
 from magenta_dynaconn import ConfigError, WritesDisabledError
-from tests.daemon_process import DaemonProcess, start_dynaconnd
+from tests.daemon_harness import DaemonProcess, start_dynaconnd
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -92,6 +92,8 @@ def test_allowed_writes_edit_the_file_and_reload_at_once(
     assert (["extra"], ["main"]) == (removed["removed"], names_after_remove)
     # Removing the last section takes the blank line before it too.
     assert ini(tmp_path, "main").rstrip() + "\n" == daemon.config.read_text()
+    # The output is read in a thread: let it catch up with the last edit.
+    daemon.wait_event("reload.applied", removed=["extra"])
     changes = [
         (event["added"], event["changed"], event["removed"])
         for event in daemon.events("reload.applied")

@@ -1,10 +1,10 @@
 """Shared fixtures of the reliability suite: a daemon, a leak scan, counts.
 
-``DaemonProcess`` runs the real ``dynaconnd`` as a subprocess with JSON
-logs in a file and reads its events incrementally.  ``LEAKS`` collects
-every text the suite captures (daemon logs, client logs, CLI output,
-error messages) and fails the session if a planted password or any
-daemon's authkey appears in one.  ``STATS`` feeds the summary line.
+``DaemonProcess`` is the shared harness's daemon (tests/daemon_harness.py)
+with this suite's event API.  ``LEAKS`` collects every text the suite
+captures (daemon output, client logs, CLI output, error messages) and
+fails the session if a planted password or any daemon's authkey appears
+in one.  ``STATS`` feeds the summary line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,8 @@ from sqlalchemy.engine import URL
 
 from dynaconnd.server import read_authkey
 from magenta_dynaconn import DatabaseRegistry
+from tests import daemon_harness as harness
+from tests.daemon_harness import START_TIMEOUT, STEP_TIMEOUT, clean_environment
 from tests.helpers import wait_for
 
 if TYPE_CHECKING:
@@ -40,25 +41,8 @@ PLANTED = "Xq7-planted-Pw-9d2e"
 PLANTED_URL = "p@ss:w/rd#1%7d+Xq7"
 PLANTED_SECRETS = (PLANTED, PLANTED_URL)
 
-#: Start-up imports SQLAlchemy and friends: allow for a slow machine.
-START_TIMEOUT = 30.0
-STEP_TIMEOUT = 15.0
-
 #: What the summary line counts, across the whole session.
 STATS = {"corpus": 0, "faults": 0, "rows": 0, "rejected": 0}
-
-# Variables a systemd unit sets that must not leak in from the runner.
-_SYSTEMD_VARIABLES = (
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "RUNTIME_DIRECTORY",
-    "STATE_DIRECTORY",
-    "CREDENTIALS_DIRECTORY",
-    "DYNACONN_SOCKET",
-    "DYNACONN_AUTHKEY_FILE",
-)
-
 
 # -- the leak scan ------------------------------------------------------
 
@@ -186,8 +170,15 @@ def replace_file(path: Path, data: str | bytes) -> None:
 # -- the daemon -------------------------------------------------------------
 
 
-class DaemonProcess:
-    """One ``dynaconnd`` subprocess (restartable) and its log events."""
+class DaemonProcess(harness.DaemonProcess):
+    """The harness's daemon in this suite's terms, its output leak-scanned.
+
+    Events are indexed over every run of the daemon, as ``mark()``
+    counts them; ``wait_event`` takes a ``where`` predicate and returns
+    the index with the event.  ``close()`` stops the daemon with SIGTERM,
+    so that its shutdown is scanned too, then hands its output to
+    ``LEAKS``; each start adds the new authkey to the secrets.
+    """
 
     def __init__(
         self,
@@ -196,102 +187,45 @@ class DaemonProcess:
         config: Path,
         state_dir: Path | None = None,
         prefix: Sequence[str] = (),
-        extra_args: Sequence[str] = (),
         environ: dict[str, str] | None = None,
     ) -> None:
-        self.folder = folder
-        self.config = config
-        self.socket = str(folder / "run" / "dynaconnd.sock")
-        self.authkey_file = str(folder / "run" / "authkey")
-        self.state_dir = state_dir
-        self.prefix = tuple(prefix)
-        self.extra_args = tuple(extra_args)
-        self.environ = environ or {}
-        self.process: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-        self.events: list[dict[str, Any]] = []
-        self._offset = 0
-        self._clients: list[RemoteRegistry] = []
+        super().__init__(
+            folder,
+            config=config,
+            args=["--debounce", "50ms"],
+            prefix=prefix,
+            state_dir=state_dir,
+            env=clean_environment(**(environ or {})),
+        )
+        self._connected: list[RemoteRegistry] = []
 
     # -- life cycle ---------------------------------------------------
 
-    def start(self) -> DaemonProcess:
-        """Start (or restart) the daemon and wait for ``daemon.ready``."""
-        argv = [
-            *self.prefix,
-            sys.executable,
-            "-m",
-            "dynaconnd",
-            "--config",
-            str(self.config),
-            "--socket",
-            self.socket,
-            "--authkey-file",
-            self.authkey_file,
-            "--log-format",
-            "json",
-            "--debounce",
-            "50ms",
-            *self.extra_args,
-        ]
-        if self.state_dir is not None:
-            argv += ["--state-dir", str(self.state_dir)]
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in _SYSTEMD_VARIABLES
-        }
-        env.update(self.environ)
-        log = self.folder / f"daemon-{len(self.logs)}.log"
-        self.logs.append(log)
-        self.events = []
-        self._offset = 0
-        with open(log, "wb") as out:
-            self.process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=self.folder,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.wait_event("daemon.ready", timeout=START_TIMEOUT)
-        LEAKS.add_secret(read_authkey(self.authkey_file))
+    def start(
+        self, *, wait_ready: bool = True, timeout: float = START_TIMEOUT
+    ) -> DaemonProcess:
+        """Start (or restart) the daemon; scan for its authkey from now."""
+        super().start(wait_ready=wait_ready, timeout=timeout)
+        if wait_ready:
+            LEAKS.add_secret(read_authkey(self.authkey_file))
         return self
 
     def kill(self, signum: int = signal.SIGKILL) -> int:
         """Send ``signum`` and wait for the process to end."""
-        assert self.process is not None
-        self.process.send_signal(signum)
-        return self.process.wait(timeout=STEP_TIMEOUT)
-
-    def stop(self) -> int | None:
-        """Stop the daemon with SIGTERM (SIGKILL if it hangs)."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(timeout=STEP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait(timeout=STEP_TIMEOUT)
+        return self.stop(signum, timeout=STEP_TIMEOUT)
 
     def close(self) -> None:
-        """Close clients, stop the daemon, hand its logs to the scan."""
-        for client in self._clients:
+        """Close clients, stop the daemon, hand its output to the scan."""
+        for client in self._connected:
             client.close()
-        self._clients.clear()
-        self.stop()
-        for log in self.logs:
-            with contextlib.suppress(FileNotFoundError):
-                LEAKS.register(f"daemon log {log}", log.read_bytes())
-
-    @property
-    def pid(self) -> int:
-        """Return the process id of the running daemon."""
-        assert self.process is not None
-        return self.process.pid
+        self._connected.clear()
+        if self.process is not None and self.is_running():
+            self.send_signal(signal.SIGTERM)
+            # A daemon that hangs is killed by DaemonProcess.close().
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=STEP_TIMEOUT)
+        super().close()
+        LEAKS.register(f"daemon output {self.folder}", self.output())
 
     def rss(self) -> int:
         """Return the daemon's resident memory in bytes."""
@@ -302,38 +236,20 @@ class DaemonProcess:
         client: RemoteRegistry = DatabaseRegistry.connect(
             socket=self.socket, authkey_file=self.authkey_file
         )
-        self._clients.append(client)
+        self._connected.append(client)
         return client
 
     # -- events -------------------------------------------------------
 
     def read_events(self) -> list[dict[str, Any]]:
-        """Return the current run's JSON events, reading only new lines."""
-        with open(self.logs[-1], "rb") as handle:
-            handle.seek(self._offset)
-            data = handle.read()
-        end = data.rfind(b"\n") + 1
-        self._offset += end
-        for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    self.events.append(event)
-        return self.events
-
-    def mark(self) -> int:
-        """Return the index the next event will have."""
-        return len(self.read_events())
+        """Return every JSON event the daemon has logged so far."""
+        return self.events()
 
     def named(self, name: str, *, after: int = 0) -> list[dict[str, Any]]:
         """Return the events called ``name`` from index ``after`` on."""
-        return [
-            event
-            for event in self.read_events()[after:]
-            if event.get("event") == name
-        ]
+        return self.events(name, after=after)
 
-    def wait_event(
+    def wait_event(  # type: ignore[override]
         self,
         name: str,
         *,
@@ -344,28 +260,27 @@ class DaemonProcess:
         """Return the first event ``name`` from ``after`` that fits."""
 
         def find() -> tuple[int, dict[str, Any]] | None:
+            # Once the process is gone, read its output to the end
+            # before deciding that the event never came.
+            exited = not self.is_running()
+            if exited:
+                self.wait_exit()
             events = self.read_events()
             for index in range(after, len(events)):
                 event = events[index]
                 if event.get("event") == name and where(event):
                     return index, event
-            self._fail_if_exited(name)
+            if exited:
+                self._fail_if_exited(name)
             return None
 
         found = wait_for(find, timeout=timeout, what=f"event {name}")
         assert found is not None
         return found
 
-    def tail(self, lines: int = 30) -> str:
-        """Return the end of the current log, for failure messages."""
-        text = self.logs[-1].read_text(errors="replace")
-        return "".join(text.splitlines(keepends=True)[-lines:])
-
     def _fail_if_exited(self, what: str) -> None:
-        assert self.process is not None
-        status = self.process.poll()
+        status = None if self.process is None else self.process.poll()
         if status is not None:
-            self.read_events()
             pytest.fail(
                 f"dynaconnd exited with status {status} while waiting for"
                 f" {what}; output:\n{self.tail()}"

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import URL
 
 from dynaconnd.errors import RegistryUnavailableError
 from tests.helpers import wait_for
@@ -40,11 +39,13 @@ from tests.reliability.conftest import (
     replace_file,
     sqlite_section,
 )
-from tests.test_health import throwaway_postgresql
+from tests.servers import superuser_url, throwaway_postgresql
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    from sqlalchemy.engine import URL
 
 __all__ = ["throwaway_postgresql"]
 
@@ -196,13 +197,7 @@ def test_postgresql_stopped_and_killed_loses_no_committed_row(
 ) -> None:
     """Stop, SIGKILL and restart the server; counts match, clients recover."""
     server = throwaway_postgresql
-    url = URL.create(
-        "postgresql+psycopg",
-        username="postgres",
-        host="127.0.0.1",
-        port=server.port,
-        database="postgres",
-    )
+    url = superuser_url(server)
     engine = _admin(url)
     with engine.begin() as connection:
         connection.execute(sa.text(LEDGER_DDL))
