@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.triggers.interval import IntervalTrigger
 
 from dynaconnd.errors import UnknownDatabaseError
 from dynaconnd.logs import MASK, get_logger, redact
+from dynaconnd.scheduling import add_database_job, arm_job, remove_job
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -553,34 +552,22 @@ class HealthMonitor:
         )
 
     def _add_job(self, entry: _Entry) -> None:
-        self._scheduler.add_job(
+        add_database_job(
+            self._scheduler,
             self._run,
-            trigger=IntervalTrigger(
-                seconds=entry.spec.schedule.health_interval,
-                timezone=datetime.UTC,
-            ),
-            args=(entry,),
-            id=entry.job_id,
+            job_id=entry.job_id,
             name=f"health check of {entry.name}",
+            interval=entry.spec.schedule.health_interval,
             executor=self._executor_alias,
-            next_run_time=datetime.datetime.now(datetime.UTC),
+            args=(entry,),
         )
 
     def _remove_job(self, entry: _Entry) -> None:
-        # Never added, or already gone with the scheduler.
-        with contextlib.suppress(JobLookupError):
-            self._scheduler.remove_job(entry.job_id)
+        remove_job(self._scheduler, entry.job_id)
 
     def _arm(self, entry: _Entry, delay: float | None) -> None:
         """Set the job's next run ``delay`` seconds from now; None pauses."""
-        next_run = None
-        if delay is not None:
-            next_run = datetime.datetime.now(datetime.UTC) + (
-                datetime.timedelta(seconds=delay)
-            )
-        # Removed by sync() or close() while it ran.
-        with contextlib.suppress(JobLookupError):
-            self._scheduler.modify_job(entry.job_id, next_run_time=next_run)
+        arm_job(self._scheduler, entry.job_id, delay)
 
     def _is_current(self, entry: _Entry) -> bool:
         with self._lock:

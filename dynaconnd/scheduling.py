@@ -9,9 +9,10 @@ only reports what slipped through, and runs that were really missed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -22,15 +23,22 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
+from apscheduler.triggers.interval import IntervalTrigger
 
 from dynaconnd.logs import get_logger, redact
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
     "DEFAULT_MISFIRE_GRACE_TIME",
     "SCHEDULER_THREAD_NAME",
     "WORKER_THREAD_PREFIX",
+    "add_database_job",
+    "arm_job",
     "make_scheduler",
+    "remove_job",
 ]
 
 DEFAULT_MAX_WORKERS = 8
@@ -135,3 +143,50 @@ def make_scheduler(
         _on_event, EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES
     )
     return scheduler
+
+
+def add_database_job(
+    scheduler: BackgroundScheduler,
+    func: Callable[..., None],
+    *,
+    job_id: str,
+    name: str,
+    interval: float,
+    executor: str,
+    args: tuple[Any, ...],
+) -> None:
+    """Add a job that runs ``func`` now, then every ``interval`` seconds.
+
+    The monitors pause the job while it runs and set its next run
+    themselves (see :func:`arm_job`); the interval only matters for a
+    run that was missed.
+    """
+    scheduler.add_job(
+        func,
+        trigger=IntervalTrigger(seconds=interval, timezone=datetime.UTC),
+        args=args,
+        id=job_id,
+        name=name,
+        executor=executor,
+        next_run_time=datetime.datetime.now(datetime.UTC),
+    )
+
+
+def remove_job(scheduler: BackgroundScheduler, job_id: str) -> None:
+    """Remove a job; one never added, or gone already, is fine."""
+    with contextlib.suppress(JobLookupError):
+        scheduler.remove_job(job_id)
+
+
+def arm_job(
+    scheduler: BackgroundScheduler, job_id: str, delay: float | None
+) -> None:
+    """Set a job's next run ``delay`` seconds from now; None pauses it."""
+    next_run = None
+    if delay is not None:
+        next_run = datetime.datetime.now(datetime.UTC) + datetime.timedelta(
+            seconds=delay
+        )
+    # The job may have been removed by sync() or close() while it ran.
+    with contextlib.suppress(JobLookupError):
+        scheduler.modify_job(job_id, next_run_time=next_run)
