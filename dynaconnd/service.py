@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dynaconnd.health import HealthMonitor
     from dynaconnd.registry import Registry
     from dynaconnd.schema_monitor import SchemaMonitor
+    from dynaconnd.spec import DatabaseSpec
 
 __all__ = ["RegistryService"]
 
@@ -54,6 +55,7 @@ class RegistryService:
         self._epoch = epoch
         self._allow_writes = allow_writes
         self._write_lock = threading.Lock()
+        self._described: dict[str, tuple[DatabaseSpec, dict[str, Any]]] = {}
 
     def hello(self, client_protocol: int) -> dict[str, Any]:
         """Introduce the daemon: its protocol, version and generation."""
@@ -79,9 +81,17 @@ class RegistryService:
 
     def describe(self, name: str) -> dict[str, Any]:
         """Return a masked description of one database."""
-        described = self._registry.lookup(name).spec.describe()
-        described["schema_generation"] = self._schema_generation(name)
-        return described
+        spec = self._registry.lookup(name).spec
+        cached = self._described.get(name)
+        if cached is None or cached[0] is not spec:
+            # Rendering the masked URL and the option dicts is most of a
+            # describe() call; a spec never changes, so do it once.
+            cached = (spec, spec.describe())
+            self._described[name] = cached
+        return {
+            **cached[1],
+            "schema_generation": self._schema_generation(name),
+        }
 
     def connection_spec(self, name: str) -> dict[str, Any]:
         """Return what a client needs to build its own engine for ``name``."""
