@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
+from dynaconnd.editing import render_section, url_values
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
 
@@ -152,20 +154,9 @@ def server_database(admin: URL) -> Iterator[URL]:
         engine.dispose()
 
 
-def ini_section(name: str, url: URL, **extra: object) -> str:
+def ini_section(name: str, url: URL, **extra: str | int | None) -> str:
     """Render the source.ini section ``name`` pointing at ``url``."""
-    lines = [f"[{name}]", f"source = {url.drivername}"]
-    for key, value in (
-        ("username", url.username),
-        ("password", url.password),
-        ("host", url.host),
-        ("port", url.port),
-        ("base", url.database),
-        *extra.items(),
-    ):
-        if value is not None:
-            lines.append(f"{key} = {value}")
-    return "\n".join(lines) + "\n\n"
+    return render_section(name, {**url_values(url), **extra}) + "\n"
 
 
 def _python_env() -> dict[str, str]:

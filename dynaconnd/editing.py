@@ -29,6 +29,8 @@ from dynaconnd.ini import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from sqlalchemy.engine import URL
+
     from dynaconnd.ini import IniSection
 
 __all__ = [
@@ -36,11 +38,31 @@ __all__ = [
     "remove_section",
     "render_section",
     "update_section",
+    "url_values",
 ]
 
 Value = str | int | None
 
 _KEY = re.compile(r"[a-z0-9_][a-z0-9_.\-]*")
+
+
+def url_values(url: URL) -> dict[str, Value]:
+    """Return the source.ini keys that name the database at ``url``.
+
+    The result suits :func:`render_section` and the registries'
+    ``add_instance``; parts the URL lacks are ``None`` (left out).
+    """
+    values: dict[str, Value] = {
+        "source": url.drivername,
+        "username": url.username,
+        "password": url.password,
+        "host": url.host,
+        "port": url.port,
+        "base": url.database,
+    }
+    for key, value in url.query.items():
+        values[f"query.{key}"] = value if isinstance(value, str) else None
+    return values
 
 
 def render_section(name: str, data: Mapping[str, Value]) -> str:

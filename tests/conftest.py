@@ -18,6 +18,9 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import URL
 
+from dynaconnd.editing import render_section, url_values
+from tests.daemon_harness import DaemonFactory
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
@@ -114,19 +117,9 @@ def db_url(request: pytest.FixtureRequest) -> URL:
     return url
 
 
-def ini_section(name: str, url: URL) -> str:
+def ini_section(name: str, url: URL, **extra: str | int | None) -> str:
     """Render a source.ini section that points at ``url``."""
-    lines = [f"[{name}]", f"source = {url.drivername}"]
-    for key, value in (
-        ("username", url.username),
-        ("password", url.password),
-        ("host", url.host),
-        ("port", url.port),
-        ("base", url.database),
-    ):
-        if value is not None:
-            lines.append(f"{key} = {value}")
-    return "\n".join(lines) + "\n\n"
+    return render_section(name, {**url_values(url), **extra}) + "\n"
 
 
 @pytest.fixture(autouse=True)
@@ -145,3 +138,10 @@ def _no_leaked_threads() -> Iterator[None]:
         thread.join(timeout=5)
     still = [thread.name for thread in leaked if thread.is_alive()]
     assert [] == still, f"threads leaked by the test: {still}"
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start daemons under ``tmp_path``; close them after the test."""
+    with DaemonFactory(tmp_path) as factory:
+        yield factory

@@ -779,12 +779,7 @@ def _serve(socket: str, authkey_file: str) -> None:
 class DaemonFactory:
     """Start daemons in folders under ``root``; close them all at the end.
 
-    A test module makes it a fixture::
-
-        @pytest.fixture
-        def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-            with DaemonFactory(tmp_path) as factory:
-                yield factory
+    Tests get one per test as the ``daemons`` fixture (tests/conftest.py).
     """
 
     def __init__(self, root: Path) -> None:

@@ -28,7 +28,6 @@ from tests.helpers import wait_for
 from tests.proxy import TcpProxy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     from sqlalchemy.engine import URL
@@ -40,13 +39,6 @@ if TYPE_CHECKING:
 SAVE_LATENCY = 1.5
 #: SIGTERM must end the daemon within this long, whatever hangs.
 SHUTDOWN_BOUND = 10.0
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-    """Start daemons under ``tmp_path``; kill them after the test."""
-    with DaemonFactory(tmp_path) as factory:
-        yield factory
 
 
 def _timestamp(event: dict[str, Any]) -> float:

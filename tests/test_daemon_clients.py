@@ -28,13 +28,6 @@ FLIPS = 50
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-    """Start daemons under ``tmp_path``; kill them after the test."""
-    with DaemonFactory(tmp_path) as factory:
-        yield factory
-
-
-@pytest.fixture
 def pg_roles(pg_url: URL) -> Iterator[tuple[str, str]]:
     """Create two login roles with unique names; drop them afterwards."""
     admin = sa.create_engine(

@@ -7,22 +7,17 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import sqlalchemy as sa
 
 from dynaconnd.health import DEFAULT_FALL, DEFAULT_RISE, MAX_BACKOFF_FACTOR
 from tests.conftest import MYSQL_ADMIN, PG_ADMIN, ini_section
-from tests.daemon_harness import DaemonFactory
 from tests.helpers import wait_for
 from tests.proxy import TcpProxy
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from pathlib import Path
-
     from sqlalchemy.engine import URL
 
-    from tests.daemon_harness import DaemonProcess
+    from tests.daemon_harness import DaemonFactory, DaemonProcess
 
 INTERVAL = 1.0
 #: PyMySQL honours fractions of a second; libpq rounds up to 2 s.
@@ -30,13 +25,6 @@ MYSQL_TIMEOUT = 0.5
 PG_TIMEOUT = 2.0
 #: Scheduling on a busy machine: threads wake late, the log is parsed.
 SLACK = 1.5
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
-    """Start daemons under ``tmp_path``; kill them after the test."""
-    with DaemonFactory(tmp_path) as factory:
-        yield factory
 
 
 def _timestamp(event: dict[str, Any]) -> float:

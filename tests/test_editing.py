@@ -348,3 +348,26 @@ def test_remove_the_only_section_is_refused(tmp_path: Path) -> None:
         remove_section(path, "main")
 
     assert "[main]\nsource = sqlite\nbase = m.db\n" == path.read_text()
+
+
+def test_url_values_render_a_section_that_reads_back_the_same_url() -> None:
+    """A URL's keys, rendered and parsed, give back the very same URL."""
+    from sqlalchemy.engine import URL
+
+    from dynaconnd.config import parse_config
+    from dynaconnd.editing import render_section, url_values
+
+    url = URL.create(
+        "postgresql+psycopg",
+        username="app@crm",
+        password="p@ss:w/rd#1%7d+x",
+        host="127.0.0.1",
+        port=5432,
+        database="crm",
+        query={"sslmode": "disable"},
+    )
+
+    text = render_section("crm", url_values(url))
+    config = parse_config(text.encode(), path="source.ini")
+
+    assert url == config.specs["crm"].url
