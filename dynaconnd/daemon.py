@@ -187,10 +187,6 @@ class Daemon:
             self._step()
         return self._shutdown()
 
-    def request_stop(self) -> None:
-        """Ask the main loop to shut down (for embedding and tests)."""
-        self._events.put(_Event("signal", signal.SIGTERM))
-
     # -- the loop ----------------------------------------------------------
 
     def _step(self) -> None:
